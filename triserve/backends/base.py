@@ -1,0 +1,143 @@
+"""The contract between the core and a backend.
+
+The core owns queueing, batching, statistics and the wire-independent request
+type; a backend owns running a model. For every loaded model version the core
+creates one :class:`Backend`, calls :meth:`Backend.load`, then hands it batches
+of :class:`Job` objects. A backend answers each job through :meth:`Job.send`,
+any number of times for a decoupled model, the last response with
+``final=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, ClassVar, Protocol
+
+from tritonclient.grpc import model_config_pb2
+
+from triserve.core.errors import InferError
+from triserve.core.types import InferRequest, InferResponse
+
+
+class CoreClient(Protocol):
+    """What a backend may ask of the core: calls to other models (Triton's BLS)."""
+
+    def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]: ...
+
+
+@dataclass
+class ModelContext:
+    """Everything a backend needs to know about the model version it runs."""
+
+    name: str
+    version: int
+    config: model_config_pb2.ModelConfig  # after auto-complete and validation
+    model_dir: Path  # <repository>/<model>
+    repository: Path
+    core: CoreClient
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("triserve.model"))
+
+    @property
+    def version_dir(self) -> Path:
+        return self.model_dir / str(self.version)
+
+
+class Job:
+    """One request in flight between the core and a backend.
+
+    ``send`` must be called on the server's event loop; backends that produce
+    responses on another thread use ``send_threadsafe``.
+    """
+
+    __slots__ = ("request", "_sink", "_loop", "_cancelled", "_cancel_callbacks", "done",
+                 "enqueue_ns", "start_ns")
+
+    def __init__(self, request: InferRequest, sink: Callable[[InferResponse], None],
+                 loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self._sink = sink
+        self._loop = loop
+        self._cancelled = False
+        self._cancel_callbacks: list[Callable[[], None]] = []
+        self.done = False
+        self.enqueue_ns = time.monotonic_ns()
+        self.start_ns = 0
+
+    def send(self, response: InferResponse) -> None:
+        if self.done:
+            return
+        if response.final:
+            self.done = True
+        self._sink(response)
+
+    def send_threadsafe(self, response: InferResponse) -> None:
+        self._loop.call_soon_threadsafe(self.send, response)
+
+    def fail(self, error: InferError) -> None:
+        """End the job with an error (the core does this if ``execute`` raises)."""
+        self.send(InferResponse(self.request.model_name, self.request.model_version,
+                                self.request.id, error=error, final=True))
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the client went away (connection closed, stream cancelled)."""
+        return self._cancelled
+
+    def add_cancel_callback(self, callback: Callable[[], None]) -> None:
+        if self._cancelled:
+            callback()
+        else:
+            self._cancel_callbacks.append(callback)
+
+    def cancel(self) -> None:
+        if self._cancelled or self.done:
+            return
+        self._cancelled = True
+        for callback in self._cancel_callbacks:
+            callback()
+
+
+class Backend(ABC):
+    """One loaded model version."""
+
+    #: may a decoupled model of this backend answer a unary (non-streaming) call,
+    #: by sending exactly one final response? The LLM backend can; a Python model
+    #: that streams through its response sender cannot.
+    unary_when_decoupled: ClassVar[bool] = False
+
+    def __init__(self, context: ModelContext):
+        self.context = context
+
+    @classmethod
+    def auto_complete_config(
+        cls, config: model_config_pb2.ModelConfig, model_dir: Path
+    ) -> model_config_pb2.ModelConfig:
+        """Fill in what the config left out (Triton's auto-complete). Default: nothing."""
+        return config
+
+    @abstractmethod
+    async def load(self) -> None:
+        """Make the model ready; raise with a message for the user on failure."""
+
+    @abstractmethod
+    async def unload(self) -> None:
+        """Release everything (processes, memory)."""
+
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """How many batches may execute at once (instances, or engine slots)."""
+
+    @abstractmethod
+    async def execute(self, jobs: list[Job]) -> None:
+        """Run one batch. Answer every job (``job.send``), or raise: the core then
+        fails the jobs that have no final response yet with the error."""
+
+    def stats(self) -> dict[str, Any]:
+        """Backend-specific figures for logs and metrics (optional)."""
+        return {}

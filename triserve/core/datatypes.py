@@ -1,0 +1,154 @@
+"""Tensor datatypes: KServe v2 names, config ``TYPE_*`` names, numpy dtypes, and
+the length-prefixed encoding of BYTES tensors.
+
+This module imports nothing but numpy and the standard library on purpose: the
+Python-backend stub loads it by file path inside a model's own environment, so
+``triton_python_backend_utils`` and the server share one implementation.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterable
+
+import numpy as np
+
+# KServe v2 datatype -> numpy dtype.
+KSERVE_TO_NUMPY: dict[str, type] = {
+    "BOOL": np.bool_,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
+}
+
+NUMPY_TO_KSERVE: dict[np.dtype, str] = {
+    np.dtype(t): name for name, t in KSERVE_TO_NUMPY.items() if name != "BYTES"
+}
+
+# model_config DataType name (as text format / JSON shows it) <-> KServe datatype.
+CONFIG_TO_KSERVE: dict[str, str] = {
+    "TYPE_BOOL": "BOOL",
+    "TYPE_UINT8": "UINT8",
+    "TYPE_UINT16": "UINT16",
+    "TYPE_UINT32": "UINT32",
+    "TYPE_UINT64": "UINT64",
+    "TYPE_INT8": "INT8",
+    "TYPE_INT16": "INT16",
+    "TYPE_INT32": "INT32",
+    "TYPE_INT64": "INT64",
+    "TYPE_FP16": "FP16",
+    "TYPE_FP32": "FP32",
+    "TYPE_FP64": "FP64",
+    "TYPE_STRING": "BYTES",
+}
+KSERVE_TO_CONFIG: dict[str, str] = {v: k for k, v in CONFIG_TO_KSERVE.items()}
+
+# Size in bytes of one element, for raw (binary) tensor payloads.
+ELEMENT_SIZE: dict[str, int] = {
+    name: np.dtype(t).itemsize for name, t in KSERVE_TO_NUMPY.items() if name != "BYTES"
+}
+
+
+def numpy_dtype(datatype: str) -> type:
+    """numpy dtype for a KServe datatype; ``KeyError`` for an unknown one."""
+    return KSERVE_TO_NUMPY[datatype]
+
+
+def kserve_datatype(dtype: np.dtype) -> str:
+    """KServe datatype for a numpy dtype; strings and objects are BYTES."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in ("O", "S", "U"):
+        return "BYTES"
+    try:
+        return NUMPY_TO_KSERVE[dtype]
+    except KeyError:
+        raise ValueError(f"numpy dtype {dtype} has no KServe v2 datatype") from None
+
+
+def element_count(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def as_bytes_array(array: np.ndarray) -> np.ndarray:
+    """A BYTES tensor as an object array of ``bytes``; ``str`` elements are UTF-8 encoded.
+
+    Models often build string outputs from Python ``str`` (the seed's model.py does);
+    they go on the wire as UTF-8.
+    """
+    array = np.asarray(array)
+    if array.dtype == np.object_ and all(isinstance(x, bytes) for x in array.flat):
+        return array
+    out = np.empty(array.shape, dtype=np.object_)
+    for index, item in np.ndenumerate(array):
+        if isinstance(item, (bytes, bytearray)):
+            out[index] = bytes(item)
+        elif isinstance(item, np.bytes_):
+            out[index] = bytes(item)
+        else:
+            out[index] = str(item).encode("utf-8")
+    return out
+
+
+def pack_bytes(array: np.ndarray) -> bytes:
+    """Serialize a BYTES tensor: each element as a 4-byte little-endian length, then its bytes."""
+    parts = []
+    for item in as_bytes_array(array).flat:
+        parts.append(struct.pack("<I", len(item)))
+        parts.append(item)
+    return b"".join(parts)
+
+
+def unpack_bytes(buffer: bytes) -> np.ndarray:
+    """Inverse of :func:`pack_bytes`: a 1-D object array of ``bytes``.
+
+    Raises ``ValueError`` when the buffer is not a sequence of length-prefixed elements.
+    """
+    view = memoryview(buffer)
+    items = []
+    offset = 0
+    end = len(view)
+    while offset < end:
+        if offset + 4 > end:
+            raise ValueError("BYTES tensor data ends inside a 4-byte length prefix")
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > end:
+            raise ValueError(
+                f"BYTES tensor element of length {length} runs past the end of the data"
+            )
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    out = np.empty(len(items), dtype=np.object_)
+    out[:] = items
+    return out
+
+
+def to_raw(array: np.ndarray, datatype: str) -> bytes:
+    """The raw (binary) wire form of a tensor."""
+    if datatype == "BYTES":
+        return pack_bytes(array)
+    return np.ascontiguousarray(array, dtype=KSERVE_TO_NUMPY[datatype]).tobytes()
+
+
+def from_raw(raw: bytes, datatype: str) -> np.ndarray:
+    """A flat numpy array from the raw wire form; ``ValueError`` if the size is off."""
+    if datatype == "BYTES":
+        return unpack_bytes(raw)
+    size = ELEMENT_SIZE[datatype]
+    if len(raw) % size:
+        raise ValueError(
+            f"raw data of {len(raw)} bytes is not a whole number of {datatype} elements ({size} bytes each)"
+        )
+    return np.frombuffer(raw, dtype=KSERVE_TO_NUMPY[datatype])
