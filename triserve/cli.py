@@ -1,0 +1,88 @@
+"""``triserve serve ...``: command-line arguments and logging setup."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import triserve
+from triserve.options import DEFAULT_REPOSITORY, ServerOptions
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="triserve", description="A Triton-compatible inference server for chat LLMs."
+    )
+    parser.add_argument("--version", action="version", version=f"triserve {triserve.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="serve a model repository over HTTP, gRPC and /metrics",
+        description="Serve a Triton model repository: KServe v2 over HTTP and gRPC, "
+                    "OpenAI and ChatGLM routes for chat models, Prometheus metrics.",
+    )
+    serve.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
+                       help="the model repository folder (default: the packaged chat model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--http-port", type=_port, default=8000, help="HTTP port (default: 8000)")
+    serve.add_argument("--grpc-port", type=_port, default=8001, help="gRPC port (default: 8001)")
+    serve.add_argument("--metrics-port", type=_port, default=8002,
+                       help="Prometheus /metrics port (default: 8002)")
+    serve.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
+                       help="none: load every model at start; explicit: load the --load-model "
+                            "ones, and load/unload at runtime through the repository API")
+    serve.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                       help="explicit mode: a model to load at start ('*' = all); repeatable")
+    serve.add_argument("--log-verbose", type=int, choices=[0, 1], default=0,
+                       help="1: debug logs and HTTP access logs")
+    serve.add_argument("--chatglm-model", default=None, metavar="NAME",
+                       help="the model that answers ChatGLM's POST / (default: the first chat model)")
+    return parser
+
+
+def parse_options(argv: Sequence[str] | None = None) -> ServerOptions:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.load_model and args.model_control_mode != "explicit":
+        parser.error("--load-model needs --model-control-mode explicit (in mode 'none' every model loads)")
+    if not args.model_repository.is_dir():
+        parser.error(f"--model-repository {args.model_repository} is not a directory")
+    return ServerOptions(
+        model_repository=args.model_repository.resolve(),
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        model_control_mode=args.model_control_mode,
+        load_models=tuple(args.load_model),
+        log_verbose=args.log_verbose,
+        chatglm_model=args.chatglm_model,
+    )
+
+
+def setup_logging(verbose: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        # uvicorn's per-connection and access lines are noise at the default level
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_options(argv)
+    setup_logging(options.log_verbose)
+    from triserve.server import run  # here, so that --help and usage errors skip importing the frontends
+
+    run(options)
+    return 0

@@ -1,0 +1,332 @@
+"""The gRPC frontend: KServe v2 ``inference.GRPCInferenceService`` and ``grpc.health.v1``.
+
+Wire-compatible with Triton's gRPC endpoint, so ``tritonclient.grpc`` (and
+hand-built ``service_pb2`` requests like the seed's client) work unchanged.
+Every RPC decodes with :mod:`.codec`, calls the core, and maps
+:class:`InferError` codes onto gRPC status codes the way Triton does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from triserve.core.errors import ErrorCode, InferError
+from triserve.core.types import InferResponse
+from triserve.frontends.grpc import codec
+
+if TYPE_CHECKING:
+    from triserve.core.server import InferenceServer
+
+logger = logging.getLogger("triserve.grpc")
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+
+# Triton's limit (INT32_MAX): LLM prompts, histories and tensors of any practical size fit.
+MAX_MESSAGE_BYTES = 2**31 - 1
+
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Never share the port with another process (gRPC's Linux default allows it).
+    ("grpc.so_reuseport", 0),
+]
+
+# Triton's GrpcStatusUtil::CodeToStatus: UNSUPPORTED (e.g. ModelInfer on a
+# decoupled model) is UNIMPLEMENTED on the gRPC wire.
+STATUS_CODE: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.UNSUPPORTED: grpc.StatusCode.UNIMPLEMENTED,
+    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+# Request parameter (reserved by Triton, read by the frontend, not passed to the
+# model): send an empty response carrying only the final flag when a decoupled
+# model ends its stream without data.
+ENABLE_EMPTY_FINAL = "triton_enable_empty_final_response"
+# Response parameter on every streamed response: is this the request's last one?
+FINAL_RESPONSE = "triton_final_response"
+
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def create_grpc_server(core: InferenceServer, address: str) -> grpc.aio.Server:
+    """A gRPC server bound to ``address`` ("host:port"), not started yet."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(core), server)
+    server.add_insecure_port(address)
+    return server
+
+
+def unary(handler: Handler) -> Handler:
+    """Turn :class:`InferError` (and unexpected failures) into gRPC status codes."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except InferError as error:
+            await context.abort(STATUS_CODE[error.code], error.message)
+        except Exception as error:  # a bug must reach the client as INTERNAL, not hang or vanish
+            logger.exception("gRPC %s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+    return wrapper
+
+
+def not_supported(feature: str) -> Handler:
+    """A handler for an RPC triserve does not offer, answering UNIMPLEMENTED with a reason."""
+
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{feature} is not supported by triserve")
+
+    return handler
+
+
+def is_bare_final_flag(response: InferResponse) -> bool:
+    """A decoupled model's "no more responses" flag, sent without any data of its own."""
+    return response.final and response.error is None and not response.outputs and not response.parameters
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` over the core."""
+
+    def __init__(self, core: InferenceServer):
+        self.core = core
+
+    # --- health and metadata -------------------------------------------------
+
+    @unary
+    async def ServerLive(self, request, context) -> service_pb2.ServerLiveResponse:
+        return service_pb2.ServerLiveResponse(live=self.core.live)
+
+    @unary
+    async def ServerReady(self, request, context) -> service_pb2.ServerReadyResponse:
+        return service_pb2.ServerReadyResponse(ready=self.core.ready)
+
+    @unary
+    async def ModelReady(self, request, context) -> service_pb2.ModelReadyResponse:
+        # Like Triton: an unknown or unloaded model is simply not ready.
+        try:
+            ready = self.core.get_model(request.name, request.version).ready
+        except InferError as error:
+            if error.code not in (ErrorCode.NOT_FOUND, ErrorCode.UNAVAILABLE):
+                raise
+            ready = False
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    @unary
+    async def ServerMetadata(self, request, context) -> service_pb2.ServerMetadataResponse:
+        return codec.server_metadata_to_proto(self.core.metadata())
+
+    @unary
+    async def ModelMetadata(self, request, context) -> service_pb2.ModelMetadataResponse:
+        model = self.core.get_model(request.name, request.version)
+        return codec.model_metadata_to_proto(model.metadata())
+
+    @unary
+    async def ModelConfig(self, request, context) -> service_pb2.ModelConfigResponse:
+        model = self.core.get_model(request.name, request.version)
+        return codec.model_config_to_proto(model.config)
+
+    @unary
+    async def ModelStatistics(self, request, context) -> service_pb2.ModelStatisticsResponse:
+        return codec.statistics_to_proto(self.core.statistics(request.name, request.version))
+
+    # --- inference -----------------------------------------------------------
+
+    @unary
+    async def ModelInfer(self, request, context) -> service_pb2.ModelInferResponse:
+        response = await self.core.infer(codec.request_from_proto(request))
+        return codec.response_to_proto(response)
+
+    async def ModelStreamInfer(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        """Bidirectional stream: every request runs concurrently, responses interleave.
+
+        Each response carries its request's id. Errors go into ``error_message``
+        and the stream goes on. When the client cancels or disconnects, this
+        coroutine is cancelled and closes every in-flight core stream, which
+        cancels those requests in the backends.
+        """
+        outbox: asyncio.Queue[service_pb2.ModelStreamInferResponse | None] = asyncio.Queue()
+        in_flight: set[asyncio.Task] = set()
+
+        async def read_requests() -> None:
+            try:
+                async for message in request_iterator:
+                    task = asyncio.create_task(self._stream_one(message, outbox.put_nowait))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                if in_flight:
+                    await asyncio.wait(set(in_flight))
+            finally:
+                outbox.put_nowait(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (reply := await outbox.get()) is not None:
+                await context.write(reply)
+            await reader  # surfaces a failure to read the request stream
+        finally:
+            for task in (reader, *in_flight):
+                task.cancel()
+            await asyncio.gather(reader, *in_flight, return_exceptions=True)
+
+    async def _stream_one(
+        self,
+        message: service_pb2.ModelInferRequest,
+        emit: Callable[[service_pb2.ModelStreamInferResponse], None],
+    ) -> None:
+        """Run one streamed request, emitting each of its responses (or its error)."""
+        try:
+            request = codec.request_from_proto(message)
+            send_empty_final = _pop_enable_empty_final(request.parameters)
+            decoupled = self.core.get_model(request.model_name, request.model_version).decoupled
+            async with contextlib.aclosing(self.core.stream(request)) as responses:
+                async for response in responses:
+                    if decoupled and is_bare_final_flag(response) and not send_empty_final:
+                        continue
+                    emit(_stream_reply(response))
+        except InferError as error:
+            emit(_stream_error(message, error.message))
+        except Exception as error:  # keep the stream alive for the client's other requests
+            logger.exception("gRPC ModelStreamInfer request %r failed", message.id)
+            emit(_stream_error(message, f"{type(error).__name__}: {error}"))
+
+    # --- model repository ----------------------------------------------------
+
+    @unary
+    async def RepositoryIndex(self, request, context) -> service_pb2.RepositoryIndexResponse:
+        _check_no_repository_name(request.repository_name)
+        return codec.repository_index_to_proto(self.core.repository_index(ready_only=request.ready))
+
+    @unary
+    async def RepositoryModelLoad(self, request, context) -> service_pb2.RepositoryModelLoadResponse:
+        _check_no_repository_name(request.repository_name)
+        parameters = codec.parameters_from_proto(request.parameters)
+        config_json = parameters.pop("config", None)
+        if config_json is not None and not isinstance(config_json, str):
+            raise InferError.invalid("RepositoryModelLoad parameter 'config' must be a string_param holding JSON")
+        file_overrides = [key for key in parameters if key.startswith("file:")]
+        if file_overrides:
+            raise InferError(
+                ErrorCode.UNSUPPORTED,
+                f"loading a model from files sent in the request ({', '.join(file_overrides)}) is not supported",
+            )
+        _check_no_parameters_left("RepositoryModelLoad", parameters, supported="config")
+        await self.core.load_model(request.model_name, config_json)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    @unary
+    async def RepositoryModelUnload(self, request, context) -> service_pb2.RepositoryModelUnloadResponse:
+        _check_no_repository_name(request.repository_name)
+        parameters = codec.parameters_from_proto(request.parameters)
+        # triserve has no ensembles, so a model never has dependents to unload with it.
+        parameters.pop("unload_dependents", None)
+        _check_no_parameters_left("RepositoryModelUnload", parameters, supported="unload_dependents")
+        await self.core.unload_model(request.model_name)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+    # --- not offered ---------------------------------------------------------
+
+    SystemSharedMemoryStatus = not_supported("system shared memory")
+    SystemSharedMemoryRegister = not_supported("system shared memory")
+    SystemSharedMemoryUnregister = not_supported("system shared memory")
+    CudaSharedMemoryStatus = not_supported("CUDA shared memory")
+    CudaSharedMemoryRegister = not_supported("CUDA shared memory")
+    CudaSharedMemoryUnregister = not_supported("CUDA shared memory")
+    TraceSetting = not_supported("trace settings")
+    LogSettings = not_supported("changing log settings over gRPC")
+
+
+def _pop_enable_empty_final(parameters: dict[str, Any]) -> bool:
+    value = parameters.pop(ENABLE_EMPTY_FINAL, False)
+    if not isinstance(value, bool):
+        raise InferError.invalid(f"invalid value type for '{ENABLE_EMPTY_FINAL}' parameter, expected bool_param")
+    return value
+
+
+def _stream_reply(response: InferResponse) -> service_pb2.ModelStreamInferResponse:
+    if response.error is not None:
+        reply = service_pb2.ModelStreamInferResponse(
+            error_message=response.error.message,
+            infer_response=service_pb2.ModelInferResponse(
+                model_name=response.model_name, model_version=response.model_version, id=response.id
+            ),
+        )
+    else:
+        reply = service_pb2.ModelStreamInferResponse(infer_response=codec.response_to_proto(response))
+    reply.infer_response.parameters[FINAL_RESPONSE].bool_param = response.final
+    return reply
+
+
+def _stream_error(message: service_pb2.ModelInferRequest, error: str) -> service_pb2.ModelStreamInferResponse:
+    """The reply for a request that failed before or while running: its id, so the client can match it."""
+    reply = service_pb2.ModelStreamInferResponse(
+        error_message=error,
+        infer_response=service_pb2.ModelInferResponse(
+            model_name=message.model_name, model_version=message.model_version, id=message.id
+        ),
+    )
+    reply.infer_response.parameters[FINAL_RESPONSE].bool_param = True
+    return reply
+
+
+def _check_no_repository_name(repository_name: str) -> None:
+    if repository_name:
+        raise InferError(ErrorCode.UNSUPPORTED, "'repository_name' specification is not supported")
+
+
+def _check_no_parameters_left(rpc: str, parameters: dict[str, Any], supported: str) -> None:
+    if parameters:
+        raise InferError.invalid(
+            f"{rpc} got unknown parameter(s) {', '.join(sorted(parameters))}; supported: {supported}"
+        )
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """``grpc.health.v1``: SERVING exactly when the core is ready.
+
+    Status is read from the core on every call, so it follows model loading
+    and shutdown without anyone having to push updates.
+    """
+
+    SERVICES = ("", SERVICE_NAME)
+    WATCH_POLL_SECONDS = 0.5
+
+    def __init__(self, core: InferenceServer):
+        self.core = core
+
+    def _status(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
+        if service not in self.SERVICES:
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        if self.core.ready:
+            return health_pb2.HealthCheckResponse.SERVING
+        return health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request, context) -> health_pb2.HealthCheckResponse:
+        status = self._status(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context) -> None:
+        last = None
+        while True:
+            status = self._status(request.service)
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            await asyncio.sleep(self.WATCH_POLL_SECONDS)

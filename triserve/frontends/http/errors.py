@@ -1,0 +1,50 @@
+"""Every HTTP error answers with Triton's shape, ``{"error": "<message>"}``.
+
+Routes raise :class:`InferError`; the handlers here turn it (and Starlette's own
+404/405, and anything unexpected) into that JSON with the status its code maps
+to, so no route formats errors itself and clients always get a readable message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from triserve.core.errors import InferError
+from triserve.frontends.http.jsonio import JSONResponse
+
+logger = logging.getLogger("triserve.http")
+
+
+def error_body(message: str) -> dict[str, str]:
+    return {"error": message}
+
+
+def error_response(error: InferError) -> Response:
+    return JSONResponse(error_body(error.message), status_code=error.code.http_status)
+
+
+async def _on_infer_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InferError)
+    return error_response(exc)
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(error_body(message), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("unexpected error serving %s %s", request.method, request.url.path)
+    return JSONResponse(error_body(f"internal error: {exc}"), status_code=500)
+
+
+EXCEPTION_HANDLERS = {
+    InferError: _on_infer_error,
+    HTTPException: _on_http_exception,
+    Exception: _on_unexpected,
+}

@@ -1,0 +1,99 @@
+"""One triserve process: the core, HTTP (uvicorn), gRPC (grpc.aio) and /metrics in one event loop.
+
+The endpoints listen before any model loads, so clients can watch
+``/v2/health/ready`` (false until the startup models were loaded). SIGTERM and
+SIGINT stop the frontends (letting running requests finish for a few
+seconds), then unload every model, which ends the models' processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Iterator
+
+import uvicorn
+
+import triserve
+from triserve.core.server import InferenceServer
+from triserve.frontends.grpc.service import create_grpc_server
+from triserve.frontends.http.app import create_app
+from triserve.frontends.metrics import create_metrics_app
+from triserve.options import ServerOptions
+
+logger = logging.getLogger("triserve")
+
+# Seconds the frontends give running requests to finish at shutdown.
+GRACEFUL_SHUTDOWN_S = 5
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """A uvicorn server that leaves signals to :func:`serve`, which stops all servers together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn(app, options: ServerOptions, port: int, access_log: bool) -> _EmbeddedUvicorn:
+    return _EmbeddedUvicorn(uvicorn.Config(
+        app, host=options.host, port=port, log_config=None, access_log=access_log,
+        lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    ))
+
+
+async def _start_uvicorn(server: _EmbeddedUvicorn) -> asyncio.Task:
+    """Start serving and return once the socket listens (a bind failure exits the process)."""
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("the HTTP server stopped while starting")
+        await asyncio.sleep(0.01)
+    return task
+
+
+async def serve(options: ServerOptions) -> None:
+    """Run until SIGTERM/SIGINT, then stop gracefully."""
+    core = InferenceServer(options.model_repository, options.model_control_mode, options.load_models)
+    http = _uvicorn(create_app(core, options), options, options.http_port, options.log_verbose > 0)
+    metrics = _uvicorn(create_metrics_app(), options, options.metrics_port, False)
+    grpc_address = f"{options.host}:{options.grpc_port}"
+    grpc_server = create_grpc_server(core, grpc_address)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await grpc_server.start()
+    http_task = await _start_uvicorn(http)
+    metrics_task = await _start_uvicorn(metrics)
+    logger.info("triserve %s: HTTP on %s:%d, gRPC on %s, metrics on %s:%d/metrics; "
+                "model repository %s", triserve.__version__, options.host, options.http_port,
+                grpc_address, options.host, options.metrics_port, options.model_repository)
+
+    loading = asyncio.create_task(core.start())
+    await stop.wait()
+    logger.info("stopping: finishing running requests, then unloading models")
+    if not loading.done():
+        loading.cancel()
+    http.should_exit = metrics.should_exit = True
+    await asyncio.gather(http_task, metrics_task, grpc_server.stop(GRACEFUL_SHUTDOWN_S),
+                         return_exceptions=True)
+    await core.stop()
+    logger.info("triserve stopped")
+
+
+def run(options: ServerOptions) -> None:
+    """Run :func:`serve` on uvloop when it is installed, else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(options))
