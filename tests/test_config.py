@@ -91,10 +91,12 @@ def test_seed_config_parses_with_its_comments(tmp_path):
     assert config.backend == "python"
     assert config.max_batch_size == 0
     assert [i.name for i in config.input] == ["prompt", "history", "temperature", "max_token", "history_len"]
-    assert all(i.data_type == model_config_pb2.TYPE_STRING and list(i.dims) == [-1] for i in config.input)
+    assert all(i.data_type == model_config_pb2.TYPE_STRING for i in config.input)
+    assert all(list(i.dims) == [-1] for i in config.input)
     assert [o.name for o in config.output] == ["response", "history"]
     group = config.instance_group[0]
-    assert (group.count, group.kind, list(group.gpus)) == (1, model_config_pb2.ModelInstanceGroup.KIND_GPU, [0])
+    kind_gpu = model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert (group.count, group.kind, list(group.gpus)) == (1, kind_gpu, [0])
 
 
 def test_model_directory_variable_is_expanded(tmp_path):
@@ -104,7 +106,8 @@ def test_model_directory_variable_is_expanded(tmp_path):
 
 
 def test_slash_comments_inside_strings_are_kept():
-    text = 'backend: "python" // the backend\nparameters { key: "URL" value { string_value: "http://x//y" } } # note // here'
+    text = ('backend: "python" // the backend\n'
+            'parameters { key: "URL" value { string_value: "http://x//y" } } # note // here')
     assert strip_slash_comments(text).split("\n")[0] == 'backend: "python" '
     config = parse_config(text)
     assert config.parameters["URL"].string_value == "http://x//y"
@@ -149,8 +152,8 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     ('input [ { name: "a" dims: [ 1 ] } ]', "input 0 'a': 'data_type' is required"),
     ('output [ { name: "b" data_type: TYPE_FP32 } ]', "output 0 'b': 'dims' is required"),
     ('input [ { name: "a" data_type: TYPE_FP32 dims: [ 0 ] } ]', "may hold only positive sizes or -1"),
-    ('input [ { name: "a" data_type: TYPE_FP32 dims: [ 1 ] }, { name: "a" data_type: TYPE_FP32 dims: [ 1 ] } ]',
-     "input 'a' is defined more than once"),
+    ('input [ { name: "a" data_type: TYPE_FP32 dims: [ 1 ] },\n'
+     '        { name: "a" data_type: TYPE_FP32 dims: [ 1 ] } ]', "input 'a' is defined more than once"),
     ('max_batch_size: -1', "max_batch_size must be >= 0, got -1"),
 ])
 def test_invalid_configs_are_rejected_with_the_problem(tmp_path, tensor, problem):

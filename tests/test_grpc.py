@@ -5,6 +5,7 @@ Every test talks to the session's ``core_server`` (tests/model_repository) on 12
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 
@@ -15,6 +16,9 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
+
+from conftest import TEST_REPOSITORY
+from serverproc import ServerProcess
 
 IDENTITY_DATA = {
     "BOOL": np.array([True, False, True]),
@@ -63,7 +67,8 @@ def model_name(datatype: str) -> str:
 
 
 def tensor_input(name: str, array: np.ndarray, datatype: str | None = None) -> grpcclient.InferInput:
-    datatype = datatype or ("BYTES" if array.dtype == np.object_ else grpcclient.np_to_triton_dtype(array.dtype))
+    if datatype is None:
+        datatype = "BYTES" if array.dtype == np.object_ else grpcclient.np_to_triton_dtype(array.dtype)
     tensor = grpcclient.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
     return tensor
@@ -142,6 +147,9 @@ def test_grpc_health_check(channel):
     for service in ("", "inference.GRPCInferenceService"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
     with pytest.raises(grpc.RpcError) as caught:
         health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -219,7 +227,8 @@ def test_seed_client_raw_request(stub):
 
     assert [output.name for output in response.outputs] == ["response", "history"]
     reply = deserialize_bytes_tensor(response.raw_output_contents[0])
-    assert [item.decode() for item in reply] == ["echo: 请给出一个具体示例 (temperature=0.01, max_token=16000)"]
+    expected_reply = "echo: 请给出一个具体示例 (temperature=0.01, max_token=16000)"
+    assert [item.decode() for item in reply] == [expected_reply]
     assert list(response.outputs[1].shape) == [2, 2]
     new_history = [item.decode() for item in deserialize_bytes_tensor(response.raw_output_contents[1])]
     assert new_history == history + ["请给出一个具体示例", reply[0].decode()]
@@ -251,7 +260,8 @@ def fp32_request(**tensor_fields) -> service_pb2.ModelInferRequest:
          "input 'INPUT0' has unknown datatype 'FLOAT'"),
         (service_pb2.ModelInferRequest(
             model_name="identity_fp32", raw_input_contents=[b"\0" * 4],
-            inputs=[{"name": "INPUT0", "datatype": "FP32", "shape": [1], "contents": {"fp32_contents": [1]}}]),
+            inputs=[{"name": "INPUT0", "datatype": "FP32", "shape": [1],
+                     "contents": {"fp32_contents": [1]}}]),
          "input 'INPUT0' has data in both 'contents' and raw_input_contents"),
         (service_pb2.ModelInferRequest(
             model_name="identity_fp32", raw_input_contents=[b"\0" * 6],
@@ -291,7 +301,8 @@ def test_model_errors_reach_the_client_and_the_server_keeps_serving(client):
     assert "error_response: INPUT0 was rejected" in rejected.message()
     again = grpc_error(lambda: client.infer("raises", [tensor_input("INPUT0", data)]))
     assert "raises: this model always fails in execute" in again.message()
-    np.testing.assert_array_equal(client.infer("identity_fp32", [tensor_input("INPUT0", data)]).as_numpy("OUTPUT0"), data)
+    result = client.infer("identity_fp32", [tensor_input("INPUT0", data)])
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
 
 
 def test_statistics_count_known_requests(client):
@@ -314,8 +325,8 @@ def test_statistics_count_known_requests(client):
 
 
 def test_stream_decoupled_without_empty_final_response(core_server):
-    replies = stream(core_server, dict(model_name="stream_words", inputs=[text_input("prompt", "one two three")],
-                                       request_id="w1"))
+    replies = stream(core_server, dict(
+        model_name="stream_words", inputs=[text_input("prompt", "one two three")], request_id="w1"))
     assert [error for _, error in replies] == [None] * 3
     assert [result.as_numpy("word").tolist() for result, _ in replies] == [[b"one"], [b"two"], [b"three"]]
     assert {result.get_response().id for result, _ in replies} == {"w1"}
@@ -334,8 +345,8 @@ def test_stream_decoupled_with_empty_final_response(core_server):
 
 
 def test_stream_many_requests_in_flight_interleave_by_id(core_server):
-    requests = [dict(model_name="stream_words", inputs=[text_input("prompt", f"{n} {n} {n}")], request_id=f"s{n}")
-                for n in range(4)]
+    requests = [dict(model_name="stream_words", inputs=[text_input("prompt", f"{n} {n} {n}")],
+                     request_id=f"s{n}") for n in range(4)]
     requests += [dict(model_name="identity_fp32", inputs=[tensor_input("INPUT0", np.full(2, n, np.float32))],
                       request_id=f"p{n}") for n in range(4)]
     replies = stream(core_server, *requests)
@@ -382,3 +393,54 @@ def test_cancelled_stream_leaves_the_server_serving(core_server):
                                        request_id="after"))
     assert [result.as_numpy("word").tolist() for result, _ in replies] == [[b"still"], [b"here"]]
     assert time.monotonic() - started < 30
+
+
+# --- model control -----------------------------------------------------------------
+
+
+def test_model_control_needs_explicit_mode(client):
+    error = grpc_error(lambda: client.load_model("identity_fp32"))
+    assert "--model-control-mode explicit" in error.message()
+
+
+@pytest.fixture(scope="module")
+def explicit_server():
+    args = ["--model-control-mode", "explicit", "--load-model", "identity_fp32"]
+    with ServerProcess(TEST_REPOSITORY, args=args) as server:
+        yield server
+
+
+def test_load_with_config_and_unload(explicit_server):
+    config = {
+        "backend": "python",
+        "max_batch_size": 4,
+        "input": [{"name": "INPUT0", "data_type": "TYPE_INT8", "dims": [-1]}],
+        "output": [{"name": "OUTPUT0", "data_type": "TYPE_INT8", "dims": [-1]}],
+    }
+    with grpcclient.InferenceServerClient(explicit_server.grpc_url) as triton:
+        assert not triton.is_model_ready("identity_int8")
+        triton.load_model("identity_int8", config=json.dumps(config))
+        assert triton.is_model_ready("identity_int8")
+        assert triton.get_model_config("identity_int8").config.max_batch_size == 4
+        data = np.array([[1, -2]], dtype=np.int8)
+        result = triton.infer("identity_int8", [tensor_input("INPUT0", data)])
+        assert result.as_numpy("OUTPUT0").tolist() == [[1, -2]]
+
+        triton.unload_model("identity_int8")
+        assert not triton.is_model_ready("identity_int8")
+        states = {m.name: m.state for m in triton.get_model_repository_index().models}
+        assert states["identity_int8"] == "UNAVAILABLE"
+        assert states["identity_fp32"] == "READY"
+
+
+def test_load_rejects_what_it_cannot_honour(explicit_server):
+    with grpcclient.InferenceServerClient(explicit_server.grpc_url) as triton:
+        error = grpc_error(lambda: triton.load_model("identity_int8", files={"file:1/model.py": b"x"}))
+        assert error.status() == "StatusCode.UNIMPLEMENTED"
+        assert "file:1/model.py" in error.message()
+    request = service_pb2.RepositoryModelLoadRequest(model_name="identity_int8")
+    request.parameters["colour"].string_param = "blue"
+    with grpc.insecure_channel(explicit_server.grpc_url) as opened, pytest.raises(grpc.RpcError) as caught:
+        service_pb2_grpc.GRPCInferenceServiceStub(opened).RepositoryModelLoad(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "colour" in caught.value.details()

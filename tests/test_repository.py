@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from conftest import TEST_REPOSITORY
 from serverproc import ServerProcess
 from tritonclient.utils import InferenceServerException
-
-from conftest import TEST_REPOSITORY
 
 IDENTITY_MODEL = TEST_REPOSITORY / "identity_fp32" / "1" / "model.py"
 
@@ -148,6 +148,8 @@ def test_explicit_mode_loads_only_named_models(explicit_server):
 
 def test_explicit_load_and_unload(explicit_server):
     client = httpclient.InferenceServerClient(explicit_server.http_url)
+    client.load_model("identity")  # a reload keeps the model serving
+    infer(explicit_server, "identity")
     client.load_model("latest_two")
     assert client.get_model_metadata("latest_two")["versions"] == ["2", "3"]
     infer(explicit_server, "latest_two")
@@ -180,3 +182,16 @@ def test_explicit_load_of_a_broken_model_reports_the_reason(explicit_server):
     with pytest.raises(InferenceServerException, match="no model folder 'missing'"):
         client.load_model("missing")
     assert client.is_model_ready("identity")  # the others keep serving
+
+
+def test_sigterm_stops_gracefully_and_ends_model_processes(tmp_path):
+    add_model(tmp_path, "identity")
+    with ServerProcess(tmp_path) as process:
+        proc = process.proc
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert children, "the identity model runs in its own process"
+    # leaving the block sent SIGTERM and waited for the exit
+    assert proc.returncode == 0
+    log = process.log()
+    assert "unloaded model 'identity' version 1" in log and "triserve stopped" in log
+    assert not [child for child in children if Path(f"/proc/{child}").exists()]

@@ -117,7 +117,8 @@ class ModelVersion:
         except InferError:
             self.statistics.record_failure("OTHER", time.monotonic_ns() - received)
             raise
-        request.model_version = self._version_text  # "" (latest) resolved: responses name the version that ran
+        # "" (latest) resolved here, so responses name the version that ran
+        request.model_version = self._version_text
         statistics = self.statistics
         active = self._active
 
@@ -147,7 +148,8 @@ class ModelVersion:
             return [
                 {
                     "name": tensor.name,
-                    "datatype": datatypes.CONFIG_TO_KSERVE[model_config_pb2.DataType.Name(tensor.data_type)],
+                    "datatype": datatypes.CONFIG_TO_KSERVE[
+                        model_config_pb2.DataType.Name(tensor.data_type)],
                     "shape": batch_dim + list(tensor.dims),
                 }
                 for tensor in entries

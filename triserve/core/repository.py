@@ -147,23 +147,25 @@ class ModelRepository:
         """
         model_dir = self.root / name
         if not model_dir.is_dir():
-            raise InferError.not_found(
-                f"failed to load '{name}': no model folder '{name}' in {self.root}"
-            )
+            message = f"failed to load '{name}': no model folder '{name}' in {self.root}"
+            logger.error("%s", message)
+            raise InferError.not_found(message)
         record = self._models.setdefault(name, _ModelRecord())
         async with record.lock:
             previous = dict(record.versions)
             if not previous:
                 record.state = ModelState.LOADING
             try:
-                config, backend_class = self._read_config(model_dir, config_json)
+                # off the event loop: auto-complete may read model files or run a process
+                config, backend_class = await asyncio.to_thread(self._read_config, model_dir, config_json)
                 wanted = select_versions(config, version_folders(model_dir))
             except Exception as exc:  # any config or auto-complete failure is this model's reason
                 reason = str(exc) or repr(exc)
                 if not previous:
                     record.state, record.reason, record.failed = ModelState.UNAVAILABLE, reason, {}
                 logger.error("failed to load model '%s': %s", name, reason)
-                code = ErrorCode.INVALID_ARGUMENT if isinstance(exc, model_config.ConfigError) else ErrorCode.UNAVAILABLE
+                bad_config = isinstance(exc, model_config.ConfigError)
+                code = ErrorCode.INVALID_ARGUMENT if bad_config else ErrorCode.UNAVAILABLE
                 raise InferError(code, f"failed to load '{name}': {reason}") from None
 
             loaded: dict[int, ModelVersion] = {}
@@ -191,14 +193,10 @@ class ModelRepository:
 
             await asyncio.gather(*(load_version(v) for v in wanted))
             if not loaded:
+                reason = "; ".join(f"version {v}: {why}" for v, why in sorted(failed.items()))
                 if not previous:
-                    record.state = ModelState.UNAVAILABLE
-                    record.reason = "; ".join(f"version {v}: {why}" for v, why in sorted(failed.items()))
-                    record.failed = failed
-                raise InferError.unavailable(
-                    f"failed to load '{name}': "
-                    + "; ".join(f"version {v}: {why}" for v, why in sorted(failed.items()))
-                )
+                    record.state, record.reason, record.failed = ModelState.UNAVAILABLE, reason, failed
+                raise InferError.unavailable(f"failed to load '{name}': {reason}")
             record.versions, record.failed = loaded, failed
             record.state, record.reason = ModelState.READY, ""
             for model in previous.values():

@@ -53,10 +53,7 @@ class Scheduler:
     def fail_queued(self, error: InferError) -> None:
         """End every job still waiting in the queue (the model is going away)."""
         while self._queue:
-            job, size = self._queue.popleft()
-            self._queued_size -= size
-            self._statistics.pending -= 1
-            job.fail(error)
+            self._pop().fail(error)
 
     def _dispatch(self) -> None:
         capacity = self._backend.capacity
@@ -95,19 +92,20 @@ class Scheduler:
         while self._queue:
             job, size = self._queue[0]
             if job.cancelled:
-                self._queue.popleft()
-                self._queued_size -= size
-                self._statistics.pending -= 1
-                job.fail(InferError(ErrorCode.CANCELLED, "request was cancelled while queued"))
+                self._pop().fail(InferError(ErrorCode.CANCELLED, "request was cancelled while queued"))
                 continue
             if batch and total + size > self._max_batch_size:
                 break
-            self._queue.popleft()
-            self._queued_size -= size
-            self._statistics.pending -= 1
+            self._pop()
             batch.append((job, size))
             total += size
         return batch
+
+    def _pop(self) -> Job:
+        job, size = self._queue.popleft()
+        self._queued_size -= size
+        self._statistics.pending -= 1
+        return job
 
     async def _execute(self, batch: list[tuple[Job, int]]) -> None:
         jobs = [job for job, _ in batch]

@@ -63,7 +63,8 @@ class InferenceServer:
             names = self._startup_models
         results = await asyncio.gather(*(self._models.load(name) for name in names),
                                        return_exceptions=True)
-        failed = [name for name, result in zip(names, results) if isinstance(result, BaseException)]
+        failed = [name for name, result in zip(names, results, strict=True)
+                  if isinstance(result, BaseException)]
         loaded = len(names) - len(failed)
         logger.info("%d of %d model(s) loaded%s", loaded, len(names),
                     f"; failed: {', '.join(failed)}" if failed else "")

@@ -30,7 +30,7 @@ def _shape_text(shape) -> str:
 
 
 def _matches(expected: tuple[int, ...], shape: list[int]) -> bool:
-    return len(expected) == len(shape) and all(e in (-1, s) for e, s in zip(expected, shape))
+    return len(expected) == len(shape) and all(e in (-1, s) for e, s in zip(expected, shape, strict=True))
 
 
 class RequestValidator:
@@ -54,7 +54,7 @@ class RequestValidator:
         self._outputs = frozenset(tensor.name for tensor in config.output)
 
     def validate(self, request: InferRequest) -> int:
-        """Raise ``InferError`` (INVALID_ARGUMENT) if the request does not fit; else its batch size (1 without batching)."""
+        """The request's batch size (1 without batching); INVALID_ARGUMENT if it does not fit."""
         given = [tensor.name for tensor in request.inputs]
         if len(set(given)) != len(given):
             repeated = sorted({name for name in given if given.count(name) > 1})

@@ -72,8 +72,6 @@ def set_parameters(target: MutableMapping[str, Any], values: Mapping[str, Any]) 
             parameter.double_param = float(value)
         elif isinstance(value, str):
             parameter.string_param = value
-        elif isinstance(value, bytes):
-            parameter.string_param = value.decode("utf-8", errors="replace")
         else:
             raise InferError.internal(
                 f"parameter '{key}' holds a {type(value).__name__}, which an InferParameter cannot carry"

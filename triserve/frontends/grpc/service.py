@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -58,7 +58,8 @@ ENABLE_EMPTY_FINAL = "triton_enable_empty_final_response"
 # Response parameter on every streamed response: is this the request's last one?
 FINAL_RESPONSE = "triton_final_response"
 
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Context = grpc.aio.ServicerContext
+Handler = Callable[[Any, Any, Context], Awaitable[Any]]
 
 
 def create_grpc_server(core: InferenceServer, address: str) -> grpc.aio.Server:
@@ -74,7 +75,7 @@ def unary(handler: Handler) -> Handler:
     """Turn :class:`InferError` (and unexpected failures) into gRPC status codes."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: Context) -> Any:
         try:
             return await handler(self, request, context)
         except InferError as error:
@@ -89,7 +90,7 @@ def unary(handler: Handler) -> Handler:
 def not_supported(feature: str) -> Handler:
     """A handler for an RPC triserve does not offer, answering UNIMPLEMENTED with a reason."""
 
-    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def handler(self: Any, request: Any, context: Context) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{feature} is not supported by triserve")
 
     return handler
@@ -109,15 +110,21 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # --- health and metadata -------------------------------------------------
 
     @unary
-    async def ServerLive(self, request, context) -> service_pb2.ServerLiveResponse:
+    async def ServerLive(
+        self, request: service_pb2.ServerLiveRequest, context: Context
+    ) -> service_pb2.ServerLiveResponse:
         return service_pb2.ServerLiveResponse(live=self.core.live)
 
     @unary
-    async def ServerReady(self, request, context) -> service_pb2.ServerReadyResponse:
+    async def ServerReady(
+        self, request: service_pb2.ServerReadyRequest, context: Context
+    ) -> service_pb2.ServerReadyResponse:
         return service_pb2.ServerReadyResponse(ready=self.core.ready)
 
     @unary
-    async def ModelReady(self, request, context) -> service_pb2.ModelReadyResponse:
+    async def ModelReady(
+        self, request: service_pb2.ModelReadyRequest, context: Context
+    ) -> service_pb2.ModelReadyResponse:
         # Like Triton: an unknown or unloaded model is simply not ready.
         try:
             ready = self.core.get_model(request.name, request.version).ready
@@ -128,31 +135,43 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=ready)
 
     @unary
-    async def ServerMetadata(self, request, context) -> service_pb2.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: service_pb2.ServerMetadataRequest, context: Context
+    ) -> service_pb2.ServerMetadataResponse:
         return codec.server_metadata_to_proto(self.core.metadata())
 
     @unary
-    async def ModelMetadata(self, request, context) -> service_pb2.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: service_pb2.ModelMetadataRequest, context: Context
+    ) -> service_pb2.ModelMetadataResponse:
         model = self.core.get_model(request.name, request.version)
         return codec.model_metadata_to_proto(model.metadata())
 
     @unary
-    async def ModelConfig(self, request, context) -> service_pb2.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: service_pb2.ModelConfigRequest, context: Context
+    ) -> service_pb2.ModelConfigResponse:
         model = self.core.get_model(request.name, request.version)
         return codec.model_config_to_proto(model.config)
 
     @unary
-    async def ModelStatistics(self, request, context) -> service_pb2.ModelStatisticsResponse:
+    async def ModelStatistics(
+        self, request: service_pb2.ModelStatisticsRequest, context: Context
+    ) -> service_pb2.ModelStatisticsResponse:
         return codec.statistics_to_proto(self.core.statistics(request.name, request.version))
 
     # --- inference -----------------------------------------------------------
 
     @unary
-    async def ModelInfer(self, request, context) -> service_pb2.ModelInferResponse:
+    async def ModelInfer(
+        self, request: service_pb2.ModelInferRequest, context: Context
+    ) -> service_pb2.ModelInferResponse:
         response = await self.core.infer(codec.request_from_proto(request))
         return codec.response_to_proto(response)
 
-    async def ModelStreamInfer(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[service_pb2.ModelInferRequest], context: Context
+    ) -> None:
         """Bidirectional stream: every request runs concurrently, responses interleave.
 
         Each response carries its request's id. Errors go into ``error_message``
@@ -208,29 +227,38 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # --- model repository ----------------------------------------------------
 
     @unary
-    async def RepositoryIndex(self, request, context) -> service_pb2.RepositoryIndexResponse:
+    async def RepositoryIndex(
+        self, request: service_pb2.RepositoryIndexRequest, context: Context
+    ) -> service_pb2.RepositoryIndexResponse:
         _check_no_repository_name(request.repository_name)
         return codec.repository_index_to_proto(self.core.repository_index(ready_only=request.ready))
 
     @unary
-    async def RepositoryModelLoad(self, request, context) -> service_pb2.RepositoryModelLoadResponse:
+    async def RepositoryModelLoad(
+        self, request: service_pb2.RepositoryModelLoadRequest, context: Context
+    ) -> service_pb2.RepositoryModelLoadResponse:
         _check_no_repository_name(request.repository_name)
         parameters = codec.parameters_from_proto(request.parameters)
         config_json = parameters.pop("config", None)
         if config_json is not None and not isinstance(config_json, str):
-            raise InferError.invalid("RepositoryModelLoad parameter 'config' must be a string_param holding JSON")
+            raise InferError.invalid(
+                "RepositoryModelLoad parameter 'config' must be a string_param holding JSON"
+            )
         file_overrides = [key for key in parameters if key.startswith("file:")]
         if file_overrides:
             raise InferError(
                 ErrorCode.UNSUPPORTED,
-                f"loading a model from files sent in the request ({', '.join(file_overrides)}) is not supported",
+                "loading a model from files sent in the request "
+                f"({', '.join(file_overrides)}) is not supported",
             )
         _check_no_parameters_left("RepositoryModelLoad", parameters, supported="config")
         await self.core.load_model(request.model_name, config_json)
         return service_pb2.RepositoryModelLoadResponse()
 
     @unary
-    async def RepositoryModelUnload(self, request, context) -> service_pb2.RepositoryModelUnloadResponse:
+    async def RepositoryModelUnload(
+        self, request: service_pb2.RepositoryModelUnloadRequest, context: Context
+    ) -> service_pb2.RepositoryModelUnloadResponse:
         _check_no_repository_name(request.repository_name)
         parameters = codec.parameters_from_proto(request.parameters)
         # triserve has no ensembles, so a model never has dependents to unload with it.
@@ -254,7 +282,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 def _pop_enable_empty_final(parameters: dict[str, Any]) -> bool:
     value = parameters.pop(ENABLE_EMPTY_FINAL, False)
     if not isinstance(value, bool):
-        raise InferError.invalid(f"invalid value type for '{ENABLE_EMPTY_FINAL}' parameter, expected bool_param")
+        raise InferError.invalid(
+            f"invalid value type for '{ENABLE_EMPTY_FINAL}' parameter, expected bool_param"
+        )
     return value
 
 
@@ -316,13 +346,15 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             return health_pb2.HealthCheckResponse.SERVING
         return health_pb2.HealthCheckResponse.NOT_SERVING
 
-    async def Check(self, request, context) -> health_pb2.HealthCheckResponse:
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: Context
+    ) -> health_pb2.HealthCheckResponse:
         status = self._status(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def Watch(self, request, context) -> None:
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
         last = None
         while True:
             status = self._status(request.service)

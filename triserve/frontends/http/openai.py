@@ -94,10 +94,10 @@ _NEUTRAL_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "user": ((None,), "'user' is not supported"),
 }
 
-_SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+_COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
                     "seed", "stop", "stream", "stream_options"}
-CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "max_completion_tokens"}
-COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
 
 
 def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
