@@ -1,0 +1,1 @@
+"""Benchmarks: triserve measured against baselines run side by side (see bench/README.md)."""

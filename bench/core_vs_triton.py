@@ -21,10 +21,11 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Protocol
 
-from bench.procs import PeakRss, ServerProcess, free_port, rss_split_kb, triserve_server
+from bench.procs import PeakRss, free_port, rss_split_kb, triserve_server
 from bench.report import markdown_table, ratio, results_dir
 
 ANCHORS = Path(os.environ.get("TRITON_ANCHORS", "/work/shared/anchors/triton"))
@@ -181,19 +182,13 @@ def run_perf_analyzer(server: Server, cell: Cell, interval_ms: int, out_dir: Pat
 def measure_load(servers: list[Server], models: list[str], protocols: list[str],
                  concurrencies: list[int], interval_ms: int, out_dir: Path) -> list[Cell]:
     cells: list[Cell] = []
-    for server in servers:
-        server.start()
     try:
-        index = 0
-        for model in models:
-            for protocol in protocols:
-                for concurrency in concurrencies:
-                    order = servers if index % 2 == 0 else servers[::-1]
-                    for server in order:
-                        cells.append(run_perf_analyzer(
-                            server, Cell(server.name, model, protocol, concurrency),
-                            interval_ms, out_dir))
-                    index += 1
+        for server in servers:
+            server.start()
+        for index, (model, protocol, concurrency) in enumerate(product(models, protocols, concurrencies)):
+            for server in servers if index % 2 == 0 else servers[::-1]:
+                cells.append(run_perf_analyzer(server, Cell(server.name, model, protocol, concurrency),
+                                               interval_ms, out_dir))
     finally:
         for server in servers:
             server.stop()
@@ -202,40 +197,40 @@ def measure_load(servers: list[Server], models: list[str], protocols: list[str],
 
 def summary(startups: list[Startup], cells: list[Cell]) -> str:
     by_key = {(c.server, c.model, c.protocol, c.concurrency): c for c in cells}
-    keys = sorted({(c.model, c.protocol, c.concurrency) for c in cells})
     load_rows = []
-    for model, protocol, concurrency in keys:
+    for model, protocol, concurrency in sorted({(c.model, c.protocol, c.concurrency) for c in cells}):
         triton = by_key.get(("triton", model, protocol, concurrency), Cell("triton", model, protocol, 0))
         ours = by_key.get(("triserve", model, protocol, concurrency), Cell("triserve", model, protocol, 0))
         load_rows.append([model, protocol, concurrency,
-                          triton.infer_per_s, ours.infer_per_s,
-                          ratio(ours.infer_per_s, triton.infer_per_s),
+                          triton.infer_per_s, ours.infer_per_s, ratio(ours.infer_per_s, triton.infer_per_s),
                           triton.p50_ms, ours.p50_ms, ratio(ours.p50_ms, triton.p50_ms),
                           triton.p99_ms, ours.p99_ms, ratio(ours.p99_ms, triton.p99_ms)])
     load = markdown_table(
         ["model", "proto", "conc", "Triton infer/s", "triserve infer/s", "ratio",
          "Triton p50 ms", "triserve p50 ms", "ratio", "Triton p99 ms", "triserve p99 ms", "ratio"],
-        load_rows)
+        load_rows, digits=[0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2])
 
-    def startup_row(name: str) -> list[float | str]:
+    def figures(name: str) -> list[float]:
+        """Median ready s, its min and max, idle RSS server / model processes MB, peak tree RSS MB."""
         runs = [s for s in startups if s.server == name]
         peak = max((c.peak_rss_kb for c in cells if c.server == name), default=0)
         if not runs:
-            return [name] + [math.nan] * 6
-        return [name, statistics.median(s.ready_s for s in runs),
-                min(s.ready_s for s in runs), max(s.ready_s for s in runs),
+            return [math.nan] * 6
+        ready = [s.ready_s for s in runs]
+        return [statistics.median(ready), min(ready), max(ready),
                 statistics.median(s.server_rss_kb for s in runs) / 1024,
                 statistics.median(s.models_rss_kb for s in runs) / 1024,
                 peak / 1024 if peak else math.nan]
 
-    rows = [startup_row("triton"), startup_row("triserve")]
-    rows.append(["triserve/Triton"] + [ratio(a, b) if isinstance(a, float) else math.nan
-                                       for a, b in zip(rows[1][1:], rows[0][1:])])
+    triton, ours = figures("triton"), figures("triserve")
     start = markdown_table(
         ["server", "ready s (median)", "min", "max", "idle RSS server MB",
-         "idle RSS model procs MB", "peak RSS under load MB (tree)"], rows)
+         "idle RSS model procs MB", "peak RSS under load MB (tree)"],
+        [["triton", *triton], ["triserve", *ours],
+         ["triserve/Triton", *(ratio(a, b) for a, b in zip(ours, triton))]],
+        digits=[0, 2, 2, 2, 1, 1, 1])
     return (f"## Throughput and latency (perf_analyzer, triserve/Triton ratios)\n\n{load}\n\n"
-            f"## Time to ready (3 Python models) and memory\n\n{start}\n")
+            f"## Time to ready (three Python models) and memory\n\n{start}\n")
 
 
 def main() -> None:

@@ -37,7 +37,10 @@ def fmt(value: float | int | str, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[float | int | str]]) -> str:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[float | int | str]],
+                   digits: Sequence[int] | None = None) -> str:
+    """A markdown table; ``digits`` gives the decimals of each column's floats (default 2)."""
+    digits = digits or [2] * len(headers)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(cell, d) for cell, d in zip(row, digits)) + " |" for row in rows]
     return "\n".join(lines)

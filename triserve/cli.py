@@ -82,7 +82,12 @@ def setup_logging(verbose: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
     setup_logging(options.log_verbose)
-    from triserve.server import run  # here, so that --help and usage errors skip importing the frontends
+    # imported here, so that --help and usage errors skip importing the frontends
+    from triserve.server import StartupError, run
 
-    run(options)
+    try:
+        run(options)
+    except StartupError as exc:
+        logging.getLogger("triserve").error("%s", exc)
+        return 1
     return 0

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Iterator
+import socket
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -27,6 +28,10 @@ logger = logging.getLogger("triserve")
 
 # Seconds the frontends give running requests to finish at shutdown.
 GRACEFUL_SHUTDOWN_S = 5
+
+
+class StartupError(RuntimeError):
+    """triserve cannot start (a port is taken); the message says which and why."""
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -44,9 +49,17 @@ def _uvicorn(app, options: ServerOptions, port: int, access_log: bool) -> _Embed
     ))
 
 
-async def _start_uvicorn(server: _EmbeddedUvicorn) -> asyncio.Task:
-    """Start serving and return once the socket listens (a bind failure exits the process)."""
-    task = asyncio.create_task(server.serve())
+def _listen(host: str, port: int, what: str) -> socket.socket:
+    """Bind a port up front, so a taken port is one clear error before any model loads."""
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        raise StartupError(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from None
+
+
+async def _start_uvicorn(server: _EmbeddedUvicorn, listener: socket.socket) -> asyncio.Task:
+    """Start serving on ``listener`` and return once uvicorn has started."""
+    task = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started:
         if task.done():
             task.result()
@@ -60,8 +73,13 @@ async def serve(options: ServerOptions) -> None:
     core = InferenceServer(options.model_repository, options.model_control_mode, options.load_models)
     http = _uvicorn(create_app(core, options), options, options.http_port, options.log_verbose > 0)
     metrics = _uvicorn(create_metrics_app(), options, options.metrics_port, False)
+    http_listener = _listen(options.host, options.http_port, "HTTP")
+    metrics_listener = _listen(options.host, options.metrics_port, "metrics")
     grpc_address = f"{options.host}:{options.grpc_port}"
-    grpc_server = create_grpc_server(core, grpc_address)
+    try:
+        grpc_server = create_grpc_server(core, grpc_address)
+    except RuntimeError as exc:  # grpc.aio raises RuntimeError when it cannot bind
+        raise StartupError(f"cannot listen for gRPC on {grpc_address}: {exc}") from None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,8 +87,8 @@ async def serve(options: ServerOptions) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     await grpc_server.start()
-    http_task = await _start_uvicorn(http)
-    metrics_task = await _start_uvicorn(metrics)
+    http_task = await _start_uvicorn(http, http_listener)
+    metrics_task = await _start_uvicorn(metrics, metrics_listener)
     logger.info("triserve %s: HTTP on %s:%d, gRPC on %s, metrics on %s:%d/metrics; "
                 "model repository %s", triserve.__version__, options.host, options.http_port,
                 grpc_address, options.host, options.metrics_port, options.model_repository)

@@ -1,0 +1,1 @@
+"""The LLM benchmark: triserve's engine against FastAPI and seed-style baselines."""

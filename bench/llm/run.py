@@ -21,11 +21,13 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from google.protobuf import text_format
 
@@ -42,6 +44,7 @@ DEFAULT_REPOSITORY = REPO_ROOT / "triserve" / "model_repository"
 LLM_MODEL = "smollm2"
 SEED_REPOSITORY = Path(__file__).resolve().parent / "seed_style_repository"
 SEED_MODEL = "smollm2_seed"
+ClientFactory = Callable[[], ChatClient]
 KV_TOPIC = "the history of chess"  # no load conversation uses it, so its turns start uncached
 
 
@@ -70,21 +73,68 @@ class Bench:
         self.args = args
         self.out = results_dir("llm")
         self.tokens = Tokens()
+        self.raw: dict = {"args": vars(args), "sweep": [], "failures": {}}
+        self.loads: list[LoadResult] = []
         print(f"results: {self.out}", flush=True)
 
-    def load(self, label: str, server: ServerProcess, make_client, clients: int | None = None,
-             first_topic: int = 0) -> LoadResult:
+    def run_phase(self, name: str, phase: Callable[[], None]) -> None:
+        """Run one server's measurements; a failure is recorded and the other servers still run."""
+        try:
+            phase()
+        except Exception as exc:  # noqa: BLE001 - reported in the summary, the run goes on
+            self.raw["failures"][name] = repr(exc)
+            print(f"[{name}] FAILED: {exc!r}", flush=True)
+
+    def triserve_default(self) -> None:
+        """The default repository: the load, batch-1 decode and the floor, the long conversation."""
+        with triserve_server(DEFAULT_REPOSITORY, self.out, "triserve") as server:
+            make = self.triserve_client(server)
+            self.loads.append(self.load("triserve", server, make))
+            if self.args.decode_runs:
+                self.raw["decode"] = self.decode_speed(make)
+                self.raw["floor"] = decode_floor(self.raw["decode"])  # bandwidth measured now, as decode was
+            if self.args.kv_turns:
+                self.raw["kv_on"] = self.long_conversation(make, "prefix cache on")
+
+    def triserve_prefix_cache_off(self) -> None:
+        repository = repository_copy(DEFAULT_REPOSITORY, self.out / "repo-prefix-off", LLM_MODEL,
+                                     {"prefix_cache_mb": "0"})
+        with triserve_server(repository, self.out, "triserve-prefix-off") as server:
+            self.raw["kv_off"] = self.long_conversation(self.triserve_client(server), "prefix cache off")
+
+    def triserve_threads(self, threads: int) -> None:
+        repository = repository_copy(DEFAULT_REPOSITORY, self.out / f"repo-threads-{threads}", LLM_MODEL,
+                                     {"num_threads": str(threads)})
+        with triserve_server(repository, self.out, f"triserve-threads-{threads}") as server:
+            result = self.load(f"triserve num_threads={threads}", server, self.triserve_client(server))
+            self.raw["sweep"].append({"threads": threads, **result.summary()})
+
+    def fastapi(self) -> None:
+        with fastapi_server(self.out) as server:
+            self.loads.append(self.load("fastapi", server,
+                                        lambda: FastAPIClient(server.http_url, self.args.request_timeout_s)))
+
+    def seed_style(self) -> None:
+        with triserve_server(SEED_REPOSITORY, self.out, "seed-style") as server:
+            self.loads.append(self.load(
+                "seed-style (triserve python backend)", server,
+                lambda: SeedStyleClient(server.grpc_url, SEED_MODEL, self.args.request_timeout_s)))
+
+    def triserve_client(self, server: ServerProcess) -> ClientFactory:
+        return lambda: TriserveStreamClient(server.grpc_url, LLM_MODEL, self.args.request_timeout_s)
+
+    def load(self, label: str, server: ServerProcess, make_client: ClientFactory) -> LoadResult:
         """The multi-turn load against a running server, after one short warm-up turn."""
         args = self.args
         self.turn(make_client, "Say hello.", [], new_tokens=8)
         with PeakRss(server.pid) as rss:
             result = asyncio.run(run_conversations(
-                label, make_client, self.tokens, clients or args.clients, args.turns, args.new_tokens,
-                args.deadline_s, first_topic))
+                label, make_client, self.tokens, args.clients, args.turns, args.new_tokens,
+                args.deadline_s))
         result.peak_rss_kb = rss.peak_kb
         return result
 
-    def turn(self, make_client, prompt: str, history: list[str], new_tokens: int) -> Turn:
+    def turn(self, make_client: ClientFactory, prompt: str, history: list[str], new_tokens: int) -> Turn:
         """One turn on a fresh client (warm-ups and single-sequence measurements)."""
         async def one() -> Turn:
             client: ChatClient = make_client()
@@ -96,7 +146,7 @@ class Bench:
                 await client.close()
         return asyncio.run(one())
 
-    def decode_speed(self, make_client) -> list[dict]:
+    def decode_speed(self, make_client: ClientFactory) -> list[dict]:
         """Batch-1 decode tokens/s: (tokens - 1) / (latency - time to first token), one sequence alone."""
         runs = []
         for i in range(self.args.decode_runs):
@@ -108,7 +158,7 @@ class Bench:
             print(f"[decode] run {i + 1}: {runs[-1]['decode_tok_s']:.1f} tokens/s", flush=True)
         return runs
 
-    def long_conversation(self, make_client, label: str) -> list[dict]:
+    def long_conversation(self, make_client: ClientFactory, label: str) -> list[dict]:
         """Time to first token of every turn of one ``kv_turns``-turn conversation."""
         history: list[str] = []
         turns = []
@@ -122,10 +172,6 @@ class Bench:
             print(f"[{label}] turn {i + 1}: prompt {prompt_tokens} tokens, TTFT {t.ttft_s * 1000:.0f} ms, "
                   f"cached {t.cached_tokens}", flush=True)
         return turns
-
-
-def triserve_client(server: ServerProcess, timeout_s: float):
-    return lambda: TriserveStreamClient(server.grpc_url, LLM_MODEL, timeout_s)
 
 
 def main() -> None:
@@ -143,47 +189,25 @@ def main() -> None:
     ap.add_argument("--kv-turns", type=int, default=10, help="turns of the prefix-cache conversation (0: skip)")
     args = ap.parse_args()
     bench = Bench(args)
-    out, timeout = bench.out, args.request_timeout_s
-    raw: dict = {"args": vars(args)}
-    loads: list[LoadResult] = []
-
     if "triserve" in args.targets:
-        with triserve_server(DEFAULT_REPOSITORY, out, "triserve") as server:
-            make = triserve_client(server, timeout)
-            loads.append(bench.load("triserve", server, make))
-            if args.decode_runs:
-                raw["decode"] = bench.decode_speed(make)
-            if args.kv_turns:
-                raw["kv_on"] = bench.long_conversation(make, "prefix cache on")
+        bench.run_phase("triserve", bench.triserve_default)
         if args.kv_turns:
-            repository = repository_copy(DEFAULT_REPOSITORY, out / "repo-prefix-off", LLM_MODEL,
-                                         {"prefix_cache_mb": "0"})
-            with triserve_server(repository, out, "triserve-prefix-off") as server:
-                raw["kv_off"] = bench.long_conversation(triserve_client(server, timeout), "prefix cache off")
-        raw["sweep"] = []
+            bench.run_phase("triserve prefix cache off", bench.triserve_prefix_cache_off)
         for threads in args.threads:
-            repository = repository_copy(DEFAULT_REPOSITORY, out / f"repo-threads-{threads}", LLM_MODEL,
-                                         {"num_threads": str(threads)})
-            with triserve_server(repository, out, f"triserve-threads-{threads}") as server:
-                result = bench.load(f"triserve num_threads={threads}", server,
-                                    triserve_client(server, timeout))
-                raw["sweep"].append({"threads": threads, **result.summary()})
+            bench.run_phase(f"triserve num_threads={threads}", lambda: bench.triserve_threads(threads))
     if "fastapi" in args.targets:
-        with fastapi_server(out) as server:
-            loads.append(bench.load("fastapi", server, lambda: FastAPIClient(server.http_url, timeout)))
+        bench.run_phase("fastapi", bench.fastapi)
     if "seed" in args.targets:
-        with triserve_server(SEED_REPOSITORY, out, "seed-style") as server:
-            loads.append(bench.load("seed-style (triserve python backend)", server,
-                                    lambda: SeedStyleClient(server.grpc_url, SEED_MODEL, timeout)))
+        bench.run_phase("seed-style", bench.seed_style)
 
+    raw = bench.raw
     raw["loads"] = [{**r.summary(), "errors": r.errors, "turns_raw": [asdict(t) for t in r.turns],
-                     "tokens_raw": r.tokens} for r in loads]
-    if args.decode_runs and "decode" in raw:
-        raw["floor"] = decode_floor(raw["decode"])
-    (out / "raw.json").write_text(json.dumps(raw, indent=1, default=str))
-    text = summary(raw, loads, args)
-    (out / "summary.md").write_text(text)
-    print("\n" + text + f"\nresults in {out}", flush=True)
+                     "tokens_raw": r.tokens} for r in bench.loads]
+    raw["load_average"] = os.getloadavg()
+    (bench.out / "raw.json").write_text(json.dumps(raw, indent=1, default=str))
+    text = summary(raw, bench.loads, args)
+    (bench.out / "summary.md").write_text(text)
+    print("\n" + text + f"\nresults in {bench.out}", flush=True)
 
 
 def decode_floor(decode_runs: list[dict]) -> dict:
@@ -209,22 +233,25 @@ def summary(raw: dict, loads: list[LoadResult], args: argparse.Namespace) -> str
                  "a turn (triserve ÷ baseline)\n\n"
                  "TTFT for the non-streaming servers (fastapi, seed-style) is the full latency.\n\n" +
                  markdown_table(
-                     ["server", "streams", "turns", "errors", "tokens", "tokens/s", "TTFT p50 ms",
+                     ["server", "streams", "turns", "errors", "tokens", "server-reported tokens", "tokens/s",
+                      "TTFT p50 ms",
                       "TTFT p99 ms", "e2e p50 ms", "e2e p99 ms", "peak RSS MB",
                       "triserve ÷ this tokens/s", "triserve ÷ this RSS"],
                      [[r["label"], "yes" if r["streams"] else "no (TTFT = e2e)", r["turns"], r["errors"],
-                       r["tokens"], r["tokens_per_s"], r["ttft_p50_ms"], r["ttft_p99_ms"],
+                       r["tokens"], r["server_tokens"], r["tokens_per_s"], r["ttft_p50_ms"], r["ttft_p99_ms"],
                        r["latency_p50_ms"], r["latency_p99_ms"], r["peak_rss_mb"],
                        ratio(ours["tokens_per_s"], r["tokens_per_s"]) if ours else math.nan,
                        ratio(ours["peak_rss_mb"], r["peak_rss_mb"]) if ours else math.nan]
-                      for r in rows]))
+                      for r in rows],
+                     digits=[0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 2, 2]))
     if raw.get("sweep"):
         base = raw["sweep"][0]
         parts.append("## triserve engine num_threads sweep (same load)\n\n" + markdown_table(
             ["num_threads", "turns", "tokens/s", f"÷ num_threads={base['threads']}", "TTFT p50 ms",
              "e2e p50 ms", "peak RSS MB"],
             [[s["threads"], s["turns"], s["tokens_per_s"], ratio(s["tokens_per_s"], base["tokens_per_s"]),
-              s["ttft_p50_ms"], s["latency_p50_ms"], s["peak_rss_mb"]] for s in raw["sweep"]]))
+              s["ttft_p50_ms"], s["latency_p50_ms"], s["peak_rss_mb"]] for s in raw["sweep"]],
+            digits=[0, 0, 1, 2, 0, 0, 0]))
     if "floor" in raw:
         f = raw["floor"]
         parts.append("## Batch-1 decode against the memory-bandwidth floor\n\n" + markdown_table(
@@ -232,7 +259,8 @@ def summary(raw: dict, loads: list[LoadResult], args: argparse.Namespace) -> str
              "floor ms/token", "ceiling tokens/s", "measured tokens/s (median)", "fraction of ceiling"],
             [[f["parameters"], f"{f['dtype']} / {f['quantization']}", f["weight_mb_per_token"], f["threads"],
               f["copy_bandwidth_gb_s"], f["floor_ms_per_token"], f["ceiling_tok_s"], f["measured_tok_s"],
-              f["fraction_of_ceiling"]]]))
+              f["fraction_of_ceiling"]]],
+            digits=[0, 0, 0, 0, 1, 1, 1, 1, 2]))
     if raw.get("kv_on") and raw.get("kv_off"):
         on, off = raw["kv_on"], raw["kv_off"]
         later_on = [t["ttft_s"] * 1000 for t in on[1:]]
@@ -241,13 +269,16 @@ def summary(raw: dict, loads: list[LoadResult], args: argparse.Namespace) -> str
         mean_off = statistics.fmean(later_off) if later_off else math.nan
         parts.append(
             f"## KV reuse: time to first token over a {len(on)}-turn conversation\n\n"
-            f"Turns 2-{len(on)}: mean TTFT {fmt(mean_on)} ms with the prefix cache, {fmt(mean_off)} ms "
+            f"Turns 2-{len(on)}: mean TTFT {fmt(mean_on, 0)} ms with the prefix cache, {fmt(mean_off, 0)} ms "
             f"without (prefix_cache_mb=0); on ÷ off = {fmt(ratio(mean_on, mean_off))}.\n\n" + markdown_table(
                 ["turn", "prompt tokens", "TTFT ms (cache on)", "cached tokens", "TTFT ms (cache off)",
                  "on ÷ off"],
                 [[a["turn"], a["prompt_tokens"], a["ttft_s"] * 1000,
                   a["cached_tokens"] if a["cached_tokens"] is not None else "n/a",
-                  b["ttft_s"] * 1000, ratio(a["ttft_s"], b["ttft_s"])] for a, b in zip(on, off)]))
+                  b["ttft_s"] * 1000, ratio(a["ttft_s"], b["ttft_s"])] for a, b in zip(on, off)],
+                digits=[0, 0, 0, 0, 0, 2]))
+    if raw["failures"]:
+        parts.append("## Failures\n\n" + "\n".join(f"- {name}: {error}" for name, error in raw["failures"].items()))
     return "\n\n".join(parts) + "\n"
 
 

@@ -76,11 +76,13 @@ class LoadResult:
     def summary(self) -> dict:
         ttft = [t.ttft_s * 1000 for t in self.turns]
         latency = [t.latency_s * 1000 for t in self.turns]
+        reported = [t.server_completion_tokens for t in self.turns]
         return {
             "label": self.label, "streams": self.streams,
             "turns": f"{len(self.turns)}/{self.planned_turns}",
             "errors": len(self.errors), "timed_out": self.timed_out,
             "tokens": sum(self.tokens),
+            "server_tokens": sum(reported) if reported and None not in reported else "n/a",
             "tokens_per_s": sum(self.tokens) / self.wall_s if self.wall_s else float("nan"),
             "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
             "latency_p50_ms": percentile(latency, 50), "latency_p99_ms": percentile(latency, 99),
@@ -89,15 +91,14 @@ class LoadResult:
 
 
 async def run_conversations(label: str, make_client: Callable[[], ChatClient], tokens: Tokens,
-                            clients: int, turns: int, new_tokens: int, deadline_s: float,
-                            first_topic: int = 0) -> LoadResult:
+                            clients: int, turns: int, new_tokens: int, deadline_s: float) -> LoadResult:
     """``clients`` conversations of ``turns`` turns at once; bounded by ``deadline_s``."""
     chat_clients = [make_client() for _ in range(clients)]
     result = LoadResult(label, chat_clients[0].streams, planned_turns=clients * turns)
     started = time.perf_counter()
 
     async def conversation(index: int, client: ChatClient) -> None:
-        topic = TOPICS[(first_topic + index) % len(TOPICS)]
+        topic = TOPICS[index % len(TOPICS)]
         history: list[str] = []
         for turn in range(turns):
             prompt = FOLLOW_UPS[turn % len(FOLLOW_UPS)].format(topic=topic)

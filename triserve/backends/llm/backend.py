@@ -164,9 +164,9 @@ class _Reply:
             self._end_aborted(output.error)
         elif self._text.stopped:
             self._abort()
-            self._end("stop", output)
+            self._end("stop", output, piece)
         elif output.finished:
-            self._end(output.finish_reason, output)
+            self._end(output.finish_reason, output, piece)
         elif piece and self._chat.stream:
             self._send(InferResponse(self._job.request.model_name, self._job.request.model_version,
                                      self._job.request.id, outputs=[_text_tensor("response", piece)],
@@ -181,8 +181,9 @@ class _Reply:
         self._completion_tokens += count
         self._last_token_ns = now
 
-    def _end(self, finish_reason: str, output: StepOutput) -> None:
-        rest = self._text.finish()
+    def _end(self, finish_reason: str, output: StepOutput, piece: str) -> None:
+        """The final response: in a stream, this step's piece and whatever was held back."""
+        rest = piece + self._text.finish()
         request = self._job.request
         self._send(InferResponse(
             request.model_name, request.model_version, request.id,

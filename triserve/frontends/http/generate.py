@@ -28,8 +28,13 @@ if TYPE_CHECKING:
 _PARAMETER_TYPES = (str, int, float, bool)
 
 
-def decode_generate_request(metadata: dict[str, Any], version: str, document: dict[str, Any]) -> InferRequest:
-    """A generate request for the model described by ``metadata`` (KServe model metadata)."""
+def decode_generate_request(metadata: dict[str, Any], version: str, document: dict[str, Any],
+                            streaming: bool = False) -> InferRequest:
+    """A generate request for the model described by ``metadata`` (KServe model metadata).
+
+    On ``/generate_stream`` a model with a ``stream`` input (the chat contract) gets
+    ``stream: true`` unless the request says otherwise, so that its text arrives piece by piece.
+    """
     declared = {entry["name"]: entry for entry in metadata["inputs"]}
     values = dict(document)
     parameters = values.pop("parameters", {})
@@ -51,6 +56,8 @@ def decode_generate_request(metadata: dict[str, Any], version: str, document: di
             request_parameters[key] = value
         else:
             raise InferError.invalid(f"parameter '{key}' must be a string, number or boolean, not {value!r:.60}")
+    if streaming and "stream" in declared:
+        values.setdefault("stream", True)
     inputs = [
         tensors.tensor_from_value(name, declared[name]["datatype"], value, len(declared[name]["shape"]))
         for name, value in values.items()
@@ -94,16 +101,17 @@ async def _events(first: InferResponse, responses: AsyncIterator[InferResponse])
 
 
 def routes(core: InferenceServer) -> list[BaseRoute]:
-    async def decode(request: Request) -> InferRequest:
+    async def decode(request: Request, streaming: bool = False) -> InferRequest:
         model = core.get_model(request.path_params["model"], request.path_params.get("version", ""))
         document = jsonio.loads_object(await request.body())
-        return decode_generate_request(model.metadata(), request.path_params.get("version", ""), document)
+        return decode_generate_request(model.metadata(), request.path_params.get("version", ""), document,
+                                       streaming)
 
     async def generate(request: Request) -> Response:
         return JSONResponse(generate_document(await core.infer(await decode(request))))
 
     async def generate_stream(request: Request) -> Response:
-        responses = core.stream(await decode(request))
+        responses = core.stream(await decode(request, streaming=True))
         # Wait for the first response: a request that fails before inference gets a
         # plain JSON error with its HTTP status, not a 200 event stream.
         try:

@@ -1,0 +1,246 @@
+"""The continuous-batching engine against transformers' own generate().
+
+A tiny randomly initialised LlamaForCausalLM (fixed seed) stands in for the
+real chat model: the engine must reproduce HF's greedy tokens exactly, whatever
+runs beside a request, whether its prefix came from the cache, and whenever it
+joined the batch.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from triserve.backends.llm.engine import EngineConfig, LLMEngine, SamplingParams, StepOutput
+from triserve.backends.llm.prefix_cache import PrefixCache
+from triserve.backends.llm.quantization import Int8Linear
+
+TIMEOUT = 60
+PROMPTS = [[1, 2, 3], list(range(5, 40)), [7] * 10, list(range(100, 180)), [9, 8, 7, 6, 5]]
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         rope_theta=10000.0, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture
+def make_engine(model):
+    engines: list[LLMEngine] = []
+
+    def make(**settings) -> LLMEngine:
+        engine = LLMEngine(model, EngineConfig(**{"max_model_len": 256, **settings}))
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+class Collector:
+    """Gathers one request's StepOutputs (delivered on the engine thread)."""
+
+    def __init__(self) -> None:
+        self.outputs: list[StepOutput] = []
+        self.done = threading.Event()
+        self.first_token = threading.Event()
+
+    def __call__(self, output: StepOutput) -> None:
+        self.outputs.append(output)
+        self.first_token.set()
+        if output.finished:
+            self.done.set()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [token for output in self.outputs for token in output.new_token_ids]
+
+    @property
+    def final(self) -> StepOutput:
+        assert self.done.wait(TIMEOUT), "request did not finish"
+        return self.outputs[-1]
+
+
+def submit(engine: LLMEngine, request_id: str, prompt: list[int], **params) -> Collector:
+    collector = Collector()
+    engine.add_request(request_id, prompt, SamplingParams(**{"max_new_tokens": 12, **params}), collector)
+    return collector
+
+
+def hf_greedy(model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=max_new_tokens, do_sample=False)
+    return output[0, len(prompt):].tolist()
+
+
+def test_batched_and_staggered_greedy_equals_hf_generate(model, make_engine):
+    engine = make_engine(max_num_seqs=4)
+    first = [submit(engine, f"a{i}", prompt, max_new_tokens=20) for i, prompt in enumerate(PROMPTS[:3])]
+    assert first[0].first_token.wait(TIMEOUT)
+    later = [submit(engine, f"b{i}", prompt, max_new_tokens=20) for i, prompt in enumerate(PROMPTS[3:])]
+    for prompt, collector in zip(PROMPTS, first + later):
+        assert collector.final.finish_reason == "length"
+        assert collector.final.prompt_tokens == len(prompt)
+        assert all(len(output.new_token_ids) == 1 for output in collector.outputs)
+        assert collector.tokens == hf_greedy(model, prompt, 20)
+    stats = engine.stats()
+    assert stats["generated_tokens_total"] == 20 * len(PROMPTS)
+    assert stats["prompt_tokens_total"] == sum(map(len, PROMPTS))
+    assert stats["running"] == stats["waiting"] == stats["kv_cache_bytes_in_use"] == 0
+
+
+def test_request_joins_running_batch_before_it_finishes(make_engine):
+    engine = make_engine(max_num_seqs=4)
+    long = submit(engine, "long", PROMPTS[1], max_new_tokens=150)
+    assert long.first_token.wait(TIMEOUT)
+    short = submit(engine, "short", PROMPTS[0], max_new_tokens=3)
+    assert short.final.finish_reason == "length"
+    assert not long.done.is_set(), "the new request waited for the running one to finish"
+    assert long.final.finish_reason == "length" and len(long.tokens) == 150
+
+
+def test_next_turn_reuses_cached_prefix_and_matches_uncached_run(model, make_engine):
+    engine = make_engine(max_num_seqs=2)
+    turn1 = submit(engine, "turn1", PROMPTS[1], max_new_tokens=10)
+    assert turn1.final.cached_tokens == 0
+    conversation = PROMPTS[1] + turn1.tokens + [11, 12, 13]
+    turn2 = submit(engine, "turn2", conversation, max_new_tokens=10)
+    # the first turn's prompt and all its reply but the last token (never fed back) have KV
+    assert turn2.final.cached_tokens == len(PROMPTS[1]) + 10 - 1
+    assert turn2.tokens == hf_greedy(model, conversation, 10)
+    stats = engine.stats()
+    assert stats["prefix_cache_hits"] == 1 and stats["prefix_cache_queries"] == 2
+
+    uncached = make_engine(max_num_seqs=2, prefix_cache_bytes=0)
+    again = submit(uncached, "turn2", conversation, max_new_tokens=10)
+    assert again.final.cached_tokens == 0 and again.tokens == turn2.tokens
+
+
+def test_identical_prompt_still_computes_its_last_token(model, make_engine):
+    engine = make_engine()
+    submit(engine, "first", PROMPTS[3]).final
+    repeat = submit(engine, "repeat", PROMPTS[3])
+    assert repeat.final.cached_tokens == len(PROMPTS[3]) - 1
+    assert repeat.tokens == hf_greedy(model, PROMPTS[3], 12)
+
+
+def test_abort_frees_the_slot_for_a_queued_request(make_engine):
+    engine = make_engine(max_num_seqs=1)
+    running = submit(engine, "running", PROMPTS[0], max_new_tokens=200)
+    assert running.first_token.wait(TIMEOUT)
+    queued = submit(engine, "queued", PROMPTS[2], max_new_tokens=5)
+    assert engine.stats()["waiting"] == 1
+    engine.abort("running")
+    assert running.final.finish_reason == "abort" and running.final.new_token_ids == []
+    assert len(running.tokens) < 200
+    assert queued.final.finish_reason == "length" and len(queued.tokens) == 5
+
+
+def test_abort_of_a_waiting_request(make_engine):
+    engine = make_engine(max_num_seqs=1)
+    running = submit(engine, "running", PROMPTS[0], max_new_tokens=200)
+    queued = submit(engine, "queued", PROMPTS[2])
+    engine.abort("queued")
+    assert queued.final.finish_reason == "abort" and queued.tokens == []
+    assert running.final.finish_reason == "length"
+
+
+def test_stop_token_ends_the_sequence_and_is_not_returned(model, make_engine):
+    expected = hf_greedy(model, PROMPTS[4], 12)
+    stop = expected[5]
+    engine = make_engine()
+    collector = submit(engine, "stop", PROMPTS[4], stop_token_ids=frozenset({stop}))
+    assert collector.final.finish_reason == "stop"
+    assert collector.tokens == expected[: expected.index(stop)]
+
+
+def test_context_full_finishes_with_length(make_engine):
+    engine = make_engine(max_model_len=40)
+    collector = submit(engine, "full", PROMPTS[1], max_new_tokens=100)
+    assert collector.final.finish_reason == "length"
+    assert len(PROMPTS[1]) + len(collector.tokens) == 40
+
+
+def test_bad_requests_raise_with_the_reason(make_engine):
+    engine = make_engine(max_model_len=64)
+    with pytest.raises(ValueError, match="prompt has 64 tokens.*context length is 64"):
+        submit(engine, "long", list(range(64)))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        submit(engine, "vocab", [1, 999])
+    with pytest.raises(ValueError, match="no tokens"):
+        submit(engine, "empty", [])
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingParams(max_new_tokens=5, top_p=0.0)
+    running = submit(engine, "same-id", PROMPTS[0], max_new_tokens=100)
+    with pytest.raises(ValueError, match="already in the engine"):
+        submit(engine, "same-id", PROMPTS[0])
+    assert running.final.finish_reason == "length"  # the engine kept serving
+
+
+def test_unsupported_architecture_is_named():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        LLMEngine(gpt2, EngineConfig(max_model_len=64))
+
+
+def test_seeded_sampling_is_reproducible_alone_or_batched(make_engine):
+    engine = make_engine()
+    params = dict(temperature=0.9, top_p=0.9, top_k=50, repetition_penalty=1.2, max_new_tokens=16)
+    alone = submit(engine, "alone", PROMPTS[1], seed=7, **params)
+    alone.final
+    batch = [submit(engine, f"batch{i}", PROMPTS[1], seed=7 + i, **params) for i in range(3)]
+    assert batch[0].final and batch[0].tokens == alone.tokens
+    assert any(c.final and c.tokens != alone.tokens for c in batch[1:])
+
+
+def test_prefix_cache_eviction_keeps_its_byte_bound(make_engine):
+    per_entry = 2 * 2 * 2 * 16 * 4 * 30  # layers * K/V * kv_heads * head_dim * float32 * ~30 tokens
+    bound = 2 * per_entry
+    engine = make_engine(prefix_cache_bytes=bound)
+    for i in range(6):
+        submit(engine, f"r{i}", [i + 1] * 20, max_new_tokens=10).final
+        assert engine.stats()["prefix_cache_bytes"] <= bound
+    stats = engine.stats()
+    assert 0 < stats["prefix_cache_entries"] < 6
+
+
+def test_prefix_cache_prefers_longest_match_and_recency():
+    kv = lambda length: torch.zeros(1, 2, 1, length, 1)  # noqa: E731
+    cache = PrefixCache(max_bytes=(10 + 5) * 2 * 4)  # room for the 10- and 5-token entries
+    cache.insert([1, 2, 3], kv(3))
+    cache.insert([1, 2, 3, 4, 5], kv(5))  # extends the first: replaces it
+    assert len(cache) == 1
+    cache.insert([7, 8], kv(2))
+    assert cache.lookup([1, 2, 3, 4, 9], max_length=4).length == 4
+    cache.insert([5] * 10, kv(10))  # over the bound: the least recently used ([7, 8]) goes first
+    assert cache.lookup([7, 8, 1], max_length=2) is None
+    assert cache.bytes <= cache.max_bytes
+
+
+def test_int8_linear_stays_close_to_float():
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64), torch.randn(5, 64)
+    exact = F.linear(x, weight)
+    relative = (Int8Linear(weight, None, torch.float32)(x) - exact).norm() / exact.norm()
+    assert relative < 0.02
+
+
+@pytest.mark.parametrize("dtype,quantization", [("bfloat16", "none"), ("float32", "int8")])
+def test_reduced_precision_engines_generate(make_engine, dtype, quantization):
+    engine = make_engine(dtype=dtype, quantization=quantization)
+    collector = submit(engine, "r", PROMPTS[1])
+    assert collector.final.finish_reason == "length" and len(collector.tokens) == 12
