@@ -13,7 +13,8 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from triserve.backends.llm.engine import EngineConfig, LLMEngine, SamplingParams, StepOutput
 from triserve.backends.llm.prefix_cache import PrefixCache
@@ -23,24 +24,30 @@ TIMEOUT = 60
 PROMPTS = [[1, 2, 3], list(range(5, 40)), [7] * 10, list(range(100, 180)), [9, 8, 7, 6, 5]]
 
 
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_model(model_class: type, config_class: type, **config) -> torch.nn.Module:
+    """A randomly initialised model, the same on every run, that generates past any EOS."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         rope_theta=10000.0, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
+    model = model_class(config_class(**TINY, **config)).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    return tiny_model(LlamaForCausalLM, LlamaConfig, tie_word_embeddings=True)
 
 
 @pytest.fixture
 def make_engine(model):
     engines: list[LLMEngine] = []
 
-    def make(**settings) -> LLMEngine:
-        engine = LLMEngine(model, EngineConfig(**{"max_model_len": 256, **settings}))
+    def make(hf_model: torch.nn.Module = model, **settings) -> LLMEngine:
+        engine = LLMEngine(hf_model, EngineConfig(**{"max_model_len": 256, **settings}))
         engine.start()
         engines.append(engine)
         return engine
@@ -80,7 +87,7 @@ def submit(engine: LLMEngine, request_id: str, prompt: list[int], **params) -> C
     return collector
 
 
-def hf_greedy(model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
     with torch.inference_mode():
         output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                 max_new_tokens=max_new_tokens, do_sample=False)
@@ -101,6 +108,16 @@ def test_batched_and_staggered_greedy_equals_hf_generate(model, make_engine):
     assert stats["generated_tokens_total"] == 20 * len(PROMPTS)
     assert stats["prompt_tokens_total"] == sum(map(len, PROMPTS))
     assert stats["running"] == stats["waiting"] == stats["kv_cache_bytes_in_use"] == 0
+
+
+@pytest.mark.parametrize("model_class,config_class", [(Qwen2ForCausalLM, Qwen2Config),
+                                                      (MistralForCausalLM, MistralConfig)])
+def test_other_llama_family_architectures_equal_hf_generate(make_engine, model_class, config_class):
+    other = tiny_model(model_class, config_class)
+    engine = make_engine(other)
+    collectors = [submit(engine, f"r{i}", prompt) for i, prompt in enumerate(PROMPTS[:2])]
+    for prompt, collector in zip(PROMPTS, collectors):
+        assert collector.final and collector.tokens == hf_greedy(other, prompt, 12)
 
 
 def test_request_joins_running_batch_before_it_finishes(make_engine):
@@ -191,10 +208,16 @@ def test_bad_requests_raise_with_the_reason(make_engine):
     assert running.final.finish_reason == "length"  # the engine kept serving
 
 
-def test_unsupported_architecture_is_named():
+def test_unsupported_models_are_refused_by_name():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+    with pytest.raises(ValueError, match="architecture 'GPT2LMHeadModel'"):
         LLMEngine(gpt2, EngineConfig(max_model_len=64))
+    dynamic = tiny_model(LlamaForCausalLM, LlamaConfig,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="rope type 'dynamic'"):
+        LLMEngine(dynamic, EngineConfig(max_model_len=64))
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings 256"):
+        LLMEngine(tiny_model(LlamaForCausalLM, LlamaConfig), EngineConfig(max_model_len=512))
 
 
 def test_seeded_sampling_is_reproducible_alone_or_batched(make_engine):

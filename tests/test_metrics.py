@@ -12,7 +12,11 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import Metric
 from tritonclient.utils import InferenceServerException
+
+from triserve.frontends.metrics import exposition
 
 COUNTERS = [
     "nv_inference_request_success",
@@ -120,3 +124,21 @@ def test_statistics_in_tritons_shape(client):
 def test_statistics_of_an_unknown_model(client):
     with pytest.raises(InferenceServerException, match="Request for unknown model: 'nope' is not found"):
         client.get_inference_statistics("nope")
+
+
+def test_exposition_keeps_bare_counter_names_and_standard_families():
+    """Backends' own prometheus_client metrics are written unchanged next to Triton's."""
+    registry = CollectorRegistry()
+    Counter("engine_tokens", "Tokens generated", ["model"], registry=registry).labels('a"b').inc(2)
+
+    class TritonStyle:
+        def collect(self):
+            metric = Metric("nv_example", "An example", "counter")
+            metric.add_sample("nv_example", {"model": "m", "version": "1"}, 5)
+            return [metric]
+
+    registry.register(TritonStyle())
+    text = exposition(registry).decode()
+    assert "# TYPE engine_tokens_total counter\n" in text
+    assert 'engine_tokens_total{model="a\\"b"} 2.0\n' in text
+    assert '# TYPE nv_example counter\nnv_example{model="m",version="1"} 5.0\n' in text

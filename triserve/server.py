@@ -63,7 +63,7 @@ async def _start_uvicorn(server: _EmbeddedUvicorn, listener: socket.socket) -> a
     while not server.started:
         if task.done():
             task.result()
-            raise RuntimeError("the HTTP server stopped while starting")
+            raise RuntimeError("uvicorn stopped while starting")
         await asyncio.sleep(0.01)
     return task
 
