@@ -183,7 +183,7 @@ def _answers_200(url: str) -> bool:
 
 
 def triserve_server(repository: Path, log_dir: Path, name: str = "triserve",
-                    extra_args: tuple[str, ...] = ()) -> ServerProcess:
+                    extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> ServerProcess:
     """``python -m triserve serve`` on 127.0.0.1 with free ports (HTTP, gRPC, metrics)."""
     http, grpc, metrics = free_port(), free_port(), free_port()
     return ServerProcess(
@@ -193,6 +193,7 @@ def triserve_server(repository: Path, log_dir: Path, name: str = "triserve",
                  "--metrics-port", str(metrics), *extra_args],
         ready_url=f"http://127.0.0.1:{http}/v2/health/ready",
         log_path=log_dir / f"{name}.log",
+        env=env or {},
         http_port=http,
         grpc_port=grpc,
     )

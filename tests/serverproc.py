@@ -47,7 +47,8 @@ class ServerProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self) -> "ServerProcess":
+    def start(self, until: str = "ready") -> "ServerProcess":
+        """Start the server and wait until ``/v2/health/<until>`` answers 200 ("ready" or "live")."""
         cmd = [
             sys.executable, "-m", "triserve", "serve",
             "--model-repository", str(self.repository),
@@ -62,16 +63,16 @@ class ServerProcess:
             self.log_path = Path(os.environ.get("TRISERVE_TEST_LOGS", "/tmp")) / f"triserve-{self.http_port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self.wait_ready()
+        self.wait_ready(until)
         return self
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, until: str = "ready") -> None:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"triserve exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"{self.base_url}/v2/health/ready", timeout=1) as r:
+                with urllib.request.urlopen(f"{self.base_url}/v2/health/{until}", timeout=1) as r:
                     if r.status == 200:
                         return
             except OSError:

@@ -25,7 +25,7 @@ PROMPTS = [[1, 2, 3], list(range(5, 40)), [7] * 10, list(range(100, 180)), [9, 8
 
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
+            num_key_value_heads=2, max_position_embeddings=512)
 
 
 def tiny_model(model_class: type, config_class: type, **config) -> torch.nn.Module:
@@ -120,6 +120,20 @@ def test_other_llama_family_architectures_equal_hf_generate(make_engine, model_c
         assert collector.final and collector.tokens == hf_greedy(other, prompt, 12)
 
 
+def test_kv_cache_grows_under_running_sequences(model, make_engine):
+    engine = make_engine(max_model_len=512, max_num_seqs=8)
+    short = [submit(engine, f"short{i}", prompt, max_new_tokens=30) for i, prompt in enumerate(PROMPTS)]
+    assert short[0].first_token.wait(TIMEOUT)
+    allocated = engine.stats()["kv_cache_bytes_allocated"]
+    # joins the running sequences and crosses the first capacity block (256 tokens) mid-decode
+    long_prompt = [i % 256 for i in range(250)]
+    long = submit(engine, "long", long_prompt, max_new_tokens=12)
+    assert long.final and long.tokens == hf_greedy(model, long_prompt, 12)
+    for prompt, collector in zip(PROMPTS, short):
+        assert collector.final and collector.tokens == hf_greedy(model, prompt, 30)
+    assert engine.stats()["kv_cache_bytes_allocated"] > allocated
+
+
 def test_request_joins_running_batch_before_it_finishes(make_engine):
     engine = make_engine(max_num_seqs=4)
     long = submit(engine, "long", PROMPTS[1], max_new_tokens=150)
@@ -202,6 +216,8 @@ def test_bad_requests_raise_with_the_reason(make_engine):
         submit(engine, "empty", [])
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(max_new_tokens=5, top_p=0.0)
+    with pytest.raises(ValueError, match="seed must be a 64-bit integer"):
+        SamplingParams(max_new_tokens=5, seed=2**64)
     running = submit(engine, "same-id", PROMPTS[0], max_new_tokens=100)
     with pytest.raises(ValueError, match="already in the engine"):
         submit(engine, "same-id", PROMPTS[0])
@@ -216,8 +232,8 @@ def test_unsupported_models_are_refused_by_name():
                          rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(ValueError, match="rope type 'dynamic'"):
         LLMEngine(dynamic, EngineConfig(max_model_len=64))
-    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings 256"):
-        LLMEngine(tiny_model(LlamaForCausalLM, LlamaConfig), EngineConfig(max_model_len=512))
+    with pytest.raises(ValueError, match="exceeds the model.s max_position_embeddings 512"):
+        LLMEngine(tiny_model(LlamaForCausalLM, LlamaConfig), EngineConfig(max_model_len=1024))
 
 
 def test_seeded_sampling_is_reproducible_alone_or_batched(make_engine):

@@ -60,7 +60,8 @@ def repository(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repository):
-    with ServerProcess(repository) as process:
+    # broken models stay UNAVAILABLE: without strict readiness the server turns ready anyway
+    with ServerProcess(repository, args=["--strict-readiness", "false"]) as process:
         yield process
 
 

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="explicit mode: a model to load at start ('*' = all); repeatable")
     serve.add_argument("--log-verbose", type=int, choices=[0, 1], default=0,
                        help="1: debug logs and HTTP access logs")
+    serve.add_argument("--strict-readiness", type=_boolean, default=True, metavar="true|false",
+                       help="true (default, as Triton): /v2/health/ready stays false while a model "
+                            "failed to load; false: ready once every model was tried")
     serve.add_argument("--chatglm-model", default=None, metavar="NAME",
                        help="the model that answers ChatGLM's POST / (default: the first chat model)")
     return parser
@@ -64,8 +67,17 @@ def parse_options(argv: Sequence[str] | None = None) -> ServerOptions:
         model_control_mode=args.model_control_mode,
         load_models=tuple(args.load_model),
         log_verbose=args.log_verbose,
+        strict_readiness=args.strict_readiness,
         chatglm_model=args.chatglm_model,
     )
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def setup_logging(verbose: int) -> None:

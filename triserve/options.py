@@ -19,4 +19,5 @@ class ServerOptions:
     model_control_mode: str = "none"  # "none" | "explicit"
     load_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*" = all)
     log_verbose: int = 0
+    strict_readiness: bool = True  # Triton's default: not ready while a startup model failed to load
     chatglm_model: str | None = None  # the model behind ChatGLM's ``POST /``; None: the first chat model

@@ -70,7 +70,8 @@ async def _start_uvicorn(server: _EmbeddedUvicorn, listener: socket.socket) -> a
 
 async def serve(options: ServerOptions) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully."""
-    core = InferenceServer(options.model_repository, options.model_control_mode, options.load_models)
+    core = InferenceServer(options.model_repository, options.model_control_mode, options.load_models,
+                           strict_readiness=options.strict_readiness)
     http = _uvicorn(create_app(core, options), options, options.http_port, options.log_verbose > 0)
     metrics = _uvicorn(create_metrics_app(), options, options.metrics_port, False)
     http_listener = _listen(options.host, options.http_port, "HTTP")

@@ -7,14 +7,13 @@ answers ``{"response", "history", "status", "time"}``. Like api.py, the handler
 is ``async`` and calls the blocking ``generate`` directly, so requests run one
 at a time; ``max_length`` counts prompt plus reply tokens, as ChatGLM's does.
 
-    python -m bench.llm.fastapi_baseline --port 8100 [--threads N]
+    python -m bench.llm.fastapi_baseline --port 8100 [--threads N]   # default: torch's (OMP_NUM_THREADS or all cores)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
 
 import torch
 import uvicorn
@@ -59,9 +58,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8100)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = weights_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE).eval()

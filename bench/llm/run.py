@@ -59,11 +59,12 @@ def repository_copy(source: Path, dest: Path, model: str, parameters: dict[str, 
     return dest
 
 
-def fastapi_server(log_dir: Path) -> ServerProcess:
+def fastapi_server(log_dir: Path, env: dict[str, str]) -> ServerProcess:
     port = free_port()
     return ServerProcess(
         name="fastapi", command=[sys.executable, "-m", "bench.llm.fastapi_baseline", "--port", str(port)],
-        ready_url=f"http://127.0.0.1:{port}/health", log_path=log_dir / "fastapi.log", http_port=port)
+        ready_url=f"http://127.0.0.1:{port}/health", log_path=log_dir / "fastapi.log", env=env,
+        http_port=port)
 
 
 class Bench:
@@ -75,6 +76,8 @@ class Bench:
         self.tokens = Tokens()
         self.raw: dict = {"args": vars(args), "sweep": [], "failures": {}}
         self.loads: list[LoadResult] = []
+        # torch in both baselines takes its thread count from OMP_NUM_THREADS (default: all cores)
+        self.baseline_env = {"OMP_NUM_THREADS": str(args.baseline_threads)} if args.baseline_threads else {}
         print(f"results: {self.out}", flush=True)
 
     def run_phase(self, name: str, phase: Callable[[], None]) -> None:
@@ -110,12 +113,12 @@ class Bench:
             self.raw["sweep"].append({"threads": threads, **result.summary()})
 
     def fastapi(self) -> None:
-        with fastapi_server(self.out) as server:
+        with fastapi_server(self.out, self.baseline_env) as server:
             self.loads.append(self.load("fastapi", server,
                                         lambda: FastAPIClient(server.http_url, self.args.request_timeout_s)))
 
     def seed_style(self) -> None:
-        with triserve_server(SEED_REPOSITORY, self.out, "seed-style") as server:
+        with triserve_server(SEED_REPOSITORY, self.out, "seed-style", env=self.baseline_env) as server:
             self.loads.append(self.load(
                 "seed-style (triserve python backend)", server,
                 lambda: SeedStyleClient(server.grpc_url, SEED_MODEL, self.args.request_timeout_s)))
@@ -185,6 +188,8 @@ def main() -> None:
     ap.add_argument("--request-timeout-s", type=float, default=900)
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2],
                     help="engine num_threads values to sweep (none: skip)")
+    ap.add_argument("--baseline-threads", type=int, default=None,
+                    help="torch threads of fastapi and seed-style (default: torch's, all cores)")
     ap.add_argument("--decode-runs", type=int, default=3, help="batch-1 decode measurements (0: skip)")
     ap.add_argument("--kv-turns", type=int, default=10, help="turns of the prefix-cache conversation (0: skip)")
     args = ap.parse_args()
@@ -231,7 +236,9 @@ def summary(raw: dict, loads: list[LoadResult], args: argparse.Namespace) -> str
     ours = next((r for r in rows if r["label"] == "triserve"), None)
     parts.append(f"## {args.clients} concurrent {args.turns}-turn conversations, {args.new_tokens} new tokens "
                  "a turn (triserve ÷ baseline)\n\n"
-                 "TTFT for the non-streaming servers (fastapi, seed-style) is the full latency.\n\n" +
+                 "TTFT for the non-streaming servers (fastapi, seed-style) is the full latency. "
+                 f"Baselines' torch threads: {args.baseline_threads or f'torch default ({os.cpu_count()} cores)'}"
+                 "; triserve's engine: its num_threads (default all cores but one).\n\n" +
                  markdown_table(
                      ["server", "streams", "turns", "errors", "tokens", "server-reported tokens", "tokens/s",
                       "TTFT p50 ms",

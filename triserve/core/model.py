@@ -121,8 +121,12 @@ class ModelVersion:
         request.model_version = self._version_text
         statistics = self.statistics
         active = self._active
+        wanted = {output.name for output in request.outputs}
 
         def deliver(response: InferResponse) -> None:
+            if wanted and response.outputs:
+                # Triton returns only the outputs a request names, whatever the backend produced
+                response.outputs = [tensor for tensor in response.outputs if tensor.name in wanted]
             if response.final:
                 duration = time.monotonic_ns() - job.enqueue_ns
                 if response.error is None:

@@ -33,11 +33,13 @@ EXTENSIONS = [
 
 class InferenceServer:
     def __init__(self, repository: Path, model_control_mode: str = "none",
-                 load_models: Iterable[str] = (), drain_timeout: float = 10.0):
+                 load_models: Iterable[str] = (), drain_timeout: float = 10.0,
+                 strict_readiness: bool = True):
         self.repository = Path(repository)
         self.model_control_mode = ModelControlMode(model_control_mode)
         self._startup_models = list(load_models)
         self._models = ModelRepository(self.repository, self, drain_timeout)
+        self._strict_readiness = strict_readiness
         self._started = False
         self._stopping = False
 
@@ -47,8 +49,12 @@ class InferenceServer:
 
     @property
     def ready(self) -> bool:
-        """True once every model to load at start was tried (a failed model is UNAVAILABLE on its own)."""
-        return self._started and not self._stopping
+        """Triton's readiness: every model loaded at start was tried and, with strict readiness
+        (the default), none of them is UNAVAILABLE. A failed model never blocks the others."""
+        if not self._started or self._stopping:
+            return False
+        return not self._strict_readiness or all(
+            row["state"] != "UNAVAILABLE" for row in self._models.index())
 
     def metadata(self) -> dict[str, Any]:
         return {"name": "triserve", "version": triserve.__version__, "extensions": EXTENSIONS}

@@ -111,6 +111,9 @@ class LLMBackend(Backend):
         except InferError as error:
             job.fail(error)
             return
+        except ValueError as exc:  # the engine's own checks of the sampling values
+            job.fail(InferError.invalid(str(exc)))
+            return
         request_id = str(next(self._request_ids))
         abort = functools.partial(self._engine.abort, request_id)
         reply = _Reply(job, chat, ReplyText(self._tokenizer, prompt_ids, chat.stop), self._metrics, abort)

@@ -38,6 +38,8 @@ class SamplingParams:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
         if not self.repetition_penalty > 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            problems.append(f"seed must be a 64-bit integer, got {self.seed}")
         if problems:
             raise ValueError("; ".join(problems))
 

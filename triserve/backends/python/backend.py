@@ -198,7 +198,7 @@ class InstanceProcess:
         self.context = context
         self.spec = spec
         self.pid = 0
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: subprocess.Popen | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._ready: asyncio.Future | None = None
@@ -217,9 +217,13 @@ class InstanceProcess:
         if self.spec.kind == "GPU":
             env["CUDA_VISIBLE_DEVICES"] = str(self.spec.device_id)
         try:
-            self._process = await asyncio.create_subprocess_exec(
-                str(python), str(RUNNER), str(child_sock.fileno()),
-                pass_fds=(child_sock.fileno(),), env=env)
+            # subprocess.Popen, not the event loop's subprocess support: CPython spawns with
+            # vfork, which runs no fork handlers (gRPC's, under uvloop, crash a forked child).
+            # Its own session keeps a Ctrl-C to the server's process group from killing the
+            # instance before the server finalizes it.
+            self._process = subprocess.Popen(
+                [str(python), str(RUNNER), str(child_sock.fileno())],
+                pass_fds=(child_sock.fileno(),), env=env, start_new_session=True)
         finally:
             child_sock.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
@@ -267,10 +271,10 @@ class InstanceProcess:
                                             self.context.name, self.spec.name)
         self._writer.close()
         try:
-            await asyncio.wait_for(self._process.wait(), _FINALIZE_TIMEOUT_S)
-        except asyncio.TimeoutError:
+            await asyncio.to_thread(self._process.wait, _FINALIZE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
             self._process.kill()
-            await self._process.wait()
+            await asyncio.to_thread(self._process.wait)
         if self._reader_task is not None:
             await self._reader_task
         self._process = None
@@ -325,7 +329,7 @@ class InstanceProcess:
                                      parameters=parameters, final=final, error=to_error(*error))
         else:
             try:
-                tensors = output_tensors(outputs, request)
+                tensors = output_tensors(outputs)
             except ValueError as exc:
                 response = InferResponse(request.model_name, request.model_version, request.id,
                                          final=final, error=InferError.internal(str(exc)))
@@ -337,7 +341,7 @@ class InstanceProcess:
     async def _exited(self) -> None:
         """The process is gone: fail what it still owed, unblock waiters."""
         was_alive, self._alive = self._alive, False
-        returncode = await self._process.wait() if self._process else None
+        returncode = await asyncio.to_thread(self._process.wait) if self._process else None
         message = (f"model '{self.context.name}' instance '{self.spec.name}' process exited "
                    f"(exit code {returncode})")
         if self._ready is not None and not self._ready.done():
@@ -395,11 +399,9 @@ def request_payload(job_id: int, request: InferRequest) -> tuple:
             [output.name for output in request.outputs], flags)
 
 
-def output_tensors(outputs: list[tuple[str, Any]], request: InferRequest) -> list[InferTensor]:
-    """The model's outputs as InferTensors, only those requested when the request names some."""
-    wanted = {output.name for output in request.outputs}
+def output_tensors(outputs: list[tuple[str, Any]]) -> list[InferTensor]:
+    """The model's outputs as InferTensors (the core keeps only the requested ones)."""
     return [
         InferTensor(name, datatypes.kserve_datatype(array.dtype), list(array.shape), array)
         for name, array in outputs
-        if not wanted or name in wanted
     ]
