@@ -123,15 +123,21 @@ def test_bls_exec_and_async_exec(grpc_client):
     assert result.as_numpy("ASYNC").tolist() == [2.0, 3.0]
 
 
-def test_dynamic_batching_merges_concurrent_requests(http_client):
-    def send(value: float):
-        tensor = httpclient.InferInput("INPUT0", [1, 2], "FP32")
+def test_dynamic_batching_merges_concurrent_requests(grpc_client):
+    # gRPC async_infer puts all 64 requests on the wire at once (the HTTP client's
+    # greenlets send them one after another, so they would never meet in the queue)
+    answers: queue.Queue = queue.Queue()
+    for value in range(64):
+        tensor = grpcclient.InferInput("INPUT0", [1, 2], "FP32")
         tensor.set_data_from_numpy(np.array([[value, value]], dtype=np.float32))
-        return http_client.async_infer("identity_fp32_batched", [tensor])
-
-    results = [request.get_result() for request in [send(value) for value in range(64)]]
-    assert [r.as_numpy("OUTPUT0")[0, 0] for r in results] == list(range(64))
-    assert max(int(r.as_numpy("OUTPUT1")[0, 0]) for r in results) > 1
+        grpc_client.async_infer("identity_fp32_batched", [tensor],
+                                lambda result, error, value=value: answers.put((value, result, error)))
+    results = [answers.get(timeout=30) for _ in range(64)]
+    assert all(error is None for _, _, error in results)
+    assert all(result.as_numpy("OUTPUT0")[0, 0] == value for value, result, _ in results)
+    executed = [int(result.as_numpy("OUTPUT1")[0, 0]) for _, result, _ in results]
+    assert max(executed) > 1
+    assert max(executed) <= 8  # max_batch_size
 
 
 def test_decoupled_model_streams_one_response_per_word(grpc_client):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,21 @@ def test_broken_models_fail_alone(server):
     assert "platform 'onnxruntime_onnx' is not supported" in rows[("onnx_model", "")]["reason"]
     assert "no version folders" in rows[("no_versions", "")]["reason"]
     assert "failed to load model 'broken_syntax'" in server.log()
+
+
+def test_strict_readiness_keeps_the_server_not_ready_while_a_model_failed(repository):
+    # Triton's default: live, the good models serve, but /v2/health/ready says not ready
+    process = ServerProcess(repository)
+    try:
+        process.start(until="live")
+        client = httpclient.InferenceServerClient(process.http_url)
+        deadline = time.monotonic() + 60
+        while "model(s) loaded" not in process.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.is_model_ready("identity")
+        assert not client.is_server_ready()
+    finally:
+        process.stop()
 
 
 def test_request_to_a_failed_model_says_why(server):
