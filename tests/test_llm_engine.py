@@ -144,6 +144,35 @@ def test_request_joins_running_batch_before_it_finishes(make_engine):
     assert long.final.finish_reason == "length" and len(long.tokens) == 150
 
 
+def test_burst_of_requests_is_prefilled_between_decode_steps(model, make_engine):
+    """With a prefill budget of one token a step, each newcomer is prefilled in its own step and
+    the running sequence gets a token between any two of them; every reply still equals HF's."""
+    engine = make_engine(max_num_seqs=4, max_prefill_tokens=1)
+    events: list[str] = []
+
+    class Logged(Collector):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def __call__(self, output: StepOutput) -> None:
+            events.append(self.name)
+            super().__call__(output)
+
+    running = Logged("running")
+    engine.add_request("running", PROMPTS[0], SamplingParams(max_new_tokens=150), running)
+    assert running.first_token.wait(TIMEOUT)
+    burst = {f"new{i}": Logged(f"new{i}") for i in range(3)}
+    for (name, collector), prompt in zip(burst.items(), PROMPTS[1:4]):
+        engine.add_request(name, prompt, SamplingParams(max_new_tokens=12), collector)
+    for prompt, collector in zip(PROMPTS[1:4], burst.values()):
+        assert collector.final and collector.tokens == hf_greedy(model, prompt, 12)
+    firsts = sorted(events.index(name) for name in burst)
+    for earlier, later in zip(firsts, firsts[1:]):
+        assert "running" in events[earlier + 1 : later]
+    assert running.final and running.tokens == hf_greedy(model, PROMPTS[0], 150)
+
+
 def test_next_turn_reuses_cached_prefix_and_matches_uncached_run(model, make_engine):
     engine = make_engine(max_num_seqs=2)
     turn1 = submit(engine, "turn1", PROMPTS[1], max_new_tokens=10)

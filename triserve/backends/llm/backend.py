@@ -81,9 +81,11 @@ class LLMBackend(Backend):
         self._engine = await asyncio.to_thread(LLMEngine, model, settings.engine)
         self._engine.start()
         self._metrics = LLMMetrics(context.name, context.version, self._engine.stats)
-        context.logger.info("model '%s': context %d tokens, %d sequences at once, stop tokens %s",
-                            context.name, settings.engine.max_model_len,
-                            settings.engine.max_num_seqs, sorted(self._stop_token_ids))
+        engine = settings.engine
+        context.logger.info("model '%s': %s weights (quantization %s), %d engine threads, context %d "
+                            "tokens, %d sequences at once, stop tokens %s",
+                            context.name, engine.dtype, engine.quantization, engine.threads,
+                            engine.max_model_len, engine.max_num_seqs, sorted(self._stop_token_ids))
 
     async def unload(self) -> None:
         if self._metrics is not None:

@@ -1,11 +1,15 @@
 """The continuous-batching LLM engine: one thread that owns the model.
 
 Every step the engine thread admits waiting requests into free slots
-(prefilling them, reusing a cached prefix when a finished sequence shares one),
-then runs one decode step for all running sequences together and delivers each
-sequence's new token through its callback. A sequence leaves as soon as it
-finishes, so its slot is reused at the next step; a request that arrives while
-others generate joins them without waiting for the batch to drain.
+(reusing a cached prefix when a finished sequence shares one) and prefills
+them together in one forward pass, then runs one decode step for all running
+sequences together and delivers each sequence's new token through its
+callback. The prompt tokens prefilled in one step are bounded
+(``max_prefill_tokens``), so a burst of new requests delays the running
+sequences' next token by one bounded prefill, not by all of them. A sequence
+leaves as soon as it finishes, so its slot is reused at the next step; a
+request that arrives while others generate joins them without waiting for the
+batch to drain.
 
 All calls from other threads (``add_request``, ``abort``, ``stats``) only touch
 the queue under a lock; the model, the KV cache and the prefix cache belong to
@@ -23,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from triserve.backends.llm.model_runner import DTYPES, ModelRunner
+from triserve.backends.llm.model_runner import DTYPES, ModelRunner, PrefillChunk
 from triserve.backends.llm.prefix_cache import PrefixCache
 from triserve.backends.llm.quantization import QUANTIZATIONS
 from triserve.backends.llm.sampling import SamplingParams, SamplingRow, make_generator, sample
@@ -41,6 +45,9 @@ class EngineConfig:
     num_threads: int | None = None  # torch threads of the engine thread; None: all cores but one
     dtype: str = "float32"  # float32 | bfloat16 | float16
     quantization: str = "none"  # none | int8 (weight-only)
+    # new prompt tokens prefilled per step (at least one whole prompt): bounds the running
+    # sequences' wait when many requests arrive at once
+    max_prefill_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -51,6 +58,8 @@ class EngineConfig:
             raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be at least 1, got {self.max_prefill_tokens}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype '{self.dtype}'; expected one of {', '.join(DTYPES)}")
         if self.quantization not in QUANTIZATIONS:
@@ -189,18 +198,19 @@ class LLMEngine:
         torch.set_num_threads(self.config.threads)
         with torch.inference_mode():
             while (work := self._next_work()) is not None:
-                admitted, aborted = work
+                candidates, aborted = work
                 for sequence in aborted:
                     self._finish(sequence, "abort", [])
-                for sequence in admitted:
-                    self._guarded([sequence], self._prefill, sequence)
+                admitted = self._admit(candidates)
+                if admitted:
+                    self._guarded(admitted, self._prefill, admitted)
                 if self._running:
                     self._guarded(list(self._running), self._decode)
             self._drain()
 
     def _next_work(self) -> tuple[list[_Sequence], list[_Sequence]] | None:
-        """Wait until there is something to do; take the aborted and newly admitted sequences.
-        None when the engine is stopping."""
+        """Wait until there is something to do; take the aborted sequences and the waiting ones
+        that fit the free slots. None when the engine is stopping."""
         inbox = self._inbox
         with self._lock:
             while not (inbox.stopping or inbox.waiting or inbox.aborts or self._running):
@@ -212,8 +222,8 @@ class LLMEngine:
             inbox.waiting = deque(s for s in inbox.waiting if s.request_id not in inbox.aborts)
             inbox.aborts.clear()
             free = self.config.max_num_seqs - len(self._running) + sum(s.slot >= 0 for s in aborted)
-            admitted = [inbox.waiting.popleft() for _ in range(min(free, len(inbox.waiting)))]
-            return admitted, aborted
+            candidates = [inbox.waiting.popleft() for _ in range(min(free, len(inbox.waiting)))]
+            return candidates, aborted
 
     def _guarded(self, sequences: list[_Sequence], step: Callable[..., None], *args: Any) -> None:
         """Run a model step; if it fails, fail its sequences and keep the engine serving."""
@@ -225,22 +235,43 @@ class LLMEngine:
                 if not sequence.finished:
                     self._finish(sequence, "abort", [], error=f"{type(exc).__name__}: {exc}")
 
-    def _prefill(self, sequence: _Sequence) -> None:
+    def _admit(self, candidates: list[_Sequence]) -> list[_Sequence]:
+        """Give candidates slots while this step's prefill budget lasts; the others go back to
+        the front of the queue, in order."""
+        admitted: list[_Sequence] = []
+        new_tokens = 0
+        for index, sequence in enumerate(candidates):
+            if new_tokens >= self.config.max_prefill_tokens:
+                with self._lock:
+                    self._inbox.waiting.extendleft(reversed(candidates[index:]))
+                break
+            self._guarded([sequence], self._take_slot, sequence)
+            if not sequence.finished:
+                admitted.append(sequence)
+                new_tokens += len(sequence.token_ids) - sequence.cached_tokens
+        return admitted
+
+    def _take_slot(self, sequence: _Sequence) -> None:
+        """Join the running sequences, with the KV of the longest cached prefix of the prompt."""
         prompt = sequence.token_ids
         slot = len(self._running)
         self.kv_cache.reserve(slot + 1, len(prompt))
-        cached = 0
-        match = self.prefix_cache.lookup(prompt, len(prompt) - 1) if self.config.prefix_cache_bytes else None
-        if match is not None:
-            self.kv_cache.load(slot, match.kv, match.length)
-            cached = match.length
+        if self.config.prefix_cache_bytes:
+            match = self.prefix_cache.lookup(prompt, len(prompt) - 1)
+            if match is not None:
+                self.kv_cache.load(slot, match.kv, match.length)
+                sequence.cached_tokens = match.length
         sequence.slot = slot
         self._running.append(sequence)
-        logits = self.runner.prefill(self.kv_cache, slot, prompt[cached:], cached)
-        sequence.kv_length = len(prompt)
-        sequence.cached_tokens = cached
-        self.prompt_tokens_total += len(prompt)
-        self._advance(sequence, sample(logits[None], [sequence.sampling])[0])
+
+    def _prefill(self, sequences: list[_Sequence]) -> None:
+        chunks = [PrefillChunk(s.slot, s.token_ids[s.cached_tokens:], s.cached_tokens) for s in sequences]
+        logits = self.runner.prefill(self.kv_cache, chunks)
+        for sequence in sequences:
+            sequence.kv_length = len(sequence.token_ids)
+            self.prompt_tokens_total += sequence.prompt_tokens
+        for sequence, token in zip(sequences, sample(logits, [s.sampling for s in sequences])):
+            self._advance(sequence, token)
 
     def _decode(self) -> None:
         batch = list(self._running)

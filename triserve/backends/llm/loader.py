@@ -31,7 +31,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers reads it
 
 _PACKAGE_PREFIX = "package:"
 _PARAMETERS = ("model", "dtype", "quantization", "max_num_seqs", "max_model_len",
-               "prefix_cache_mb", "num_threads", "trust_remote_code")
+               "max_prefill_tokens", "prefix_cache_mb", "num_threads", "trust_remote_code")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class LLMSettings:
         engine = EngineConfig(
             max_num_seqs=integer("max_num_seqs", defaults.max_num_seqs),
             max_model_len=integer("max_model_len", defaults.max_model_len),
+            max_prefill_tokens=integer("max_prefill_tokens", defaults.max_prefill_tokens),
             prefix_cache_bytes=prefix_cache_mb << 20,
             num_threads=integer("num_threads", defaults.num_threads),
             dtype=values.get("dtype") or defaults.dtype,

@@ -7,6 +7,10 @@ the loaded HF model's modules (no copy when the dtype matches and nothing is
 quantized), and only the last position of each sequence goes through the
 LM head.
 
+Prefill takes many sequences at once: their new tokens go through every
+linear layer as one matrix (one pass over the weights for all of them), and
+only attention runs per sequence.
+
 Grouped-query attention runs without repeating K/V: the query heads that
 share a KV head are laid out as extra query rows of that head, and
 ``scaled_dot_product_attention`` does the rest.
@@ -14,6 +18,7 @@ share a KV head are laid out as extra query rows of that head, and
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +48,25 @@ class DecoderLayer:
     gate_proj: Linear
     up_proj: Linear
     down_proj: Linear
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """New tokens of one sequence: positions ``start..`` of ``slot``, whose first ``start``
+    positions are already in the KV cache."""
+
+    slot: int
+    token_ids: list[int]
+    start: int
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+    def causal_mask(self, group: int) -> torch.Tensor:
+        """Query row (g, t) of a KV head may see keys up to its own position ``start + t``."""
+        visible = torch.arange(self.end)[None, :] <= torch.arange(self.start, self.end)[:, None]
+        return visible.repeat(group, 1)
 
 
 class ModelRunner:
@@ -103,27 +127,32 @@ class ModelRunner:
         scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
         return (angles.cos() * scaling).to(self.dtype), (angles.sin() * scaling).to(self.dtype)
 
-    def prefill(self, cache: KVCache, slot: int, token_ids: list[int], start: int) -> torch.Tensor:
-        """Run ``token_ids`` at positions ``start..`` of the sequence in ``slot``, whose first
-        ``start`` positions are already in the cache. Returns the last position's logits [vocab]."""
-        count = len(token_ids)
-        end = start + count
-        positions = torch.arange(start, end)
-        # query row (g, t) of a KV head may see keys up to its own position start + t
-        visible = torch.arange(end)[None, :] <= positions[:, None]
-        mask = visible.repeat(self.group, 1)
+    def prefill(self, cache: KVCache, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """Run every chunk's tokens in one forward pass. Returns the logits of each chunk's last
+        position [len(chunks), vocab]."""
+        rows = [0, *itertools.accumulate(len(chunk.token_ids) for chunk in chunks)]  # chunk i: rows[i]..
+        positions = torch.cat([torch.arange(chunk.start, chunk.end) for chunk in chunks])
+        masks = [chunk.causal_mask(self.group) for chunk in chunks]
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = cache.keys[index], cache.values[index]
-            keys[slot, :, start:end] = k.transpose(0, 1)
-            values[slot, :, start:end] = v.transpose(0, 1)
-            grouped = q.transpose(0, 1).reshape(1, self.num_kv_heads, self.group * count, self.head_dim)
-            out = F.scaled_dot_product_attention(
-                grouped, keys[slot : slot + 1, :, :end], values[slot : slot + 1, :, :end], attn_mask=mask)
-            return out.reshape(self.num_heads, count, self.head_dim).transpose(0, 1).reshape(count, -1)
+            out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
+            for chunk, first, last, mask in zip(chunks, rows, rows[1:], masks):
+                slot, count = chunk.slot, last - first
+                keys[slot, :, chunk.start : chunk.end] = k[first:last].transpose(0, 1)
+                values[slot, :, chunk.start : chunk.end] = v[first:last].transpose(0, 1)
+                grouped = q[first:last].transpose(0, 1).reshape(
+                    1, self.num_kv_heads, self.group * count, self.head_dim)
+                attended = F.scaled_dot_product_attention(
+                    grouped, keys[slot : slot + 1, :, : chunk.end], values[slot : slot + 1, :, : chunk.end],
+                    attn_mask=mask)
+                out[first:last] = attended.reshape(self.num_heads, count, self.head_dim).transpose(0, 1).reshape(
+                    count, -1)
+            return out
 
-        hidden = self._forward(torch.tensor(token_ids), positions, attend)
-        return self._logits(hidden[-1:])[0]
+        token_ids = torch.tensor([token for chunk in chunks for token in chunk.token_ids])
+        hidden = self._forward(token_ids, positions, attend)
+        return self._logits(hidden[torch.tensor(rows[1:]) - 1])
 
     def decode(self, cache: KVCache, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One new token for each of the sequences in slots ``0..len(token_ids)-1``, each at its

@@ -4,8 +4,9 @@ Each instance of the config's ``instance_group`` is a ``stub/runner.py`` process
 started by file path with the model's Python (ours, or the EXECUTION_ENV_PATH
 env's), so the model never imports triserve. Parent and child talk over a
 socketpair in length-prefixed pickle (protocol 5) frames: numpy arrays travel
-as they are, with no JSON on the per-request path. The parent side is asyncio
-streams only, so a request costs no thread.
+as they are, with no JSON on the per-request path. The parent side is one
+asyncio protocol (:class:`FrameProtocol`), so a request costs no thread, one
+write, and no await per frame received.
 
 Messages, parent -> child: ``initialize``, ``execute``, ``cancel``,
 ``bls_response``, ``finalize``; child -> parent: ``ready`` / ``load_failed``,
@@ -26,7 +27,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2
@@ -191,6 +192,74 @@ def to_error(code_name: str, message: str) -> InferError:
     return InferError(ErrorCode(code_name), message)
 
 
+class FrameProtocol(asyncio.Protocol):
+    """The parent's end of an instance socket: length-prefixed pickle frames both ways.
+
+    Every frame complete in one read is handed to ``on_message`` there and then, so
+    the child's response and ``done`` for a batch (written together) cost one wakeup.
+    A frame larger than one read waits in a buffer until it is whole, copied once.
+    Sending is one ``transport.write`` per message; :meth:`writable` waits only
+    while the socket's buffer is above its high-water mark.
+    """
+
+    def __init__(self, on_message: Callable[[tuple], None], on_closed: Callable[[], None]):
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self._transport: asyncio.Transport | None = None
+        self._pending = bytearray()  # the start of a frame not yet complete
+        self._needed = 0  # bytes _pending must reach before the next frame can be read
+        self._resumed: asyncio.Future | None = None  # set while writing is paused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._pending:
+            self._pending += data
+            if len(self._pending) < self._needed:
+                return
+            data = bytes(self._pending)
+            self._pending.clear()
+        view = memoryview(data)
+        offset, size = 0, len(data)
+        self._needed = _HEADER.size
+        while size - offset >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(view, offset)
+            start = offset + _HEADER.size
+            if start + length > size:
+                self._needed = _HEADER.size + length
+                break
+            offset = start + length
+            self._on_message(pickle.loads(view[start:offset]))
+        if offset < size:
+            self._pending += view[offset:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)
+        self._on_closed()
+
+    def pause_writing(self) -> None:
+        self._resumed = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)
+        self._resumed = None
+
+    def send(self, message: tuple) -> None:
+        data = pickle.dumps(message, protocol=5)
+        self._transport.write(_HEADER.pack(len(data)) + data)
+
+    async def writable(self) -> None:
+        """Return once the socket buffer has room (at once, unless the child is slow to read)."""
+        if self._resumed is not None:
+            await self._resumed
+
+    def close(self) -> None:
+        self._transport.close()
+
+
 class InstanceProcess:
     """One runner process and the jobs, batches and BLS calls in flight on it."""
 
@@ -199,8 +268,9 @@ class InstanceProcess:
         self.spec = spec
         self.pid = 0
         self._process: subprocess.Popen | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task | None = None
+        self._protocol: FrameProtocol | None = None
+        self._closed = asyncio.Event()  # the socket closed; _exit_task then cleans up
+        self._exit_task: asyncio.Task | None = None
         self._ready: asyncio.Future | None = None
         self._finalized: asyncio.Future | None = None
         self._jobs: dict[int, Job] = {}
@@ -226,10 +296,10 @@ class InstanceProcess:
                 pass_fds=(child_sock.fileno(),), env=env, start_new_session=True)
         finally:
             child_sock.close()
-        reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
+        _, self._protocol = await loop.create_unix_connection(
+            lambda: FrameProtocol(self._dispatch, self._on_closed), sock=parent_sock)
         self._alive = True
         self._ready = loop.create_future()
-        self._reader_task = asyncio.create_task(self._read(reader))
         self._send(("initialize", str(model_file), {
             "model_config": model_config_json,
             "model_instance_kind": self.spec.kind,
@@ -255,7 +325,7 @@ class InstanceProcess:
             job.add_cancel_callback(lambda job_id=job_id: self._send(("cancel", job_id)))
             payloads.append(request_payload(job_id, job.request))
         self._send(("execute", batch_id, payloads))
-        await self._writer.drain()
+        await self._protocol.writable()
         await done
 
     async def stop(self) -> None:
@@ -269,31 +339,25 @@ class InstanceProcess:
             except asyncio.TimeoutError:
                 self.context.logger.warning("model '%s' instance '%s': finalize timed out",
                                             self.context.name, self.spec.name)
-        self._writer.close()
+        self._protocol.close()
         try:
             await asyncio.to_thread(self._process.wait, _FINALIZE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self._process.kill()
             await asyncio.to_thread(self._process.wait)
-        if self._reader_task is not None:
-            await self._reader_task
+        await self._closed.wait()
+        await self._exit_task
         self._process = None
 
     # -- frames -------------------------------------------------------------------
 
     def _send(self, message: tuple) -> None:
         if self._alive:
-            data = pickle.dumps(message, protocol=5)
-            self._writer.writelines((_HEADER.pack(len(data)), data))
+            self._protocol.send(message)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                (length,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-                self._dispatch(pickle.loads(await reader.readexactly(length)))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        await self._exited()
+    def _on_closed(self) -> None:
+        self._closed.set()
+        self._exit_task = asyncio.create_task(self._exited())
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]

@@ -235,6 +235,9 @@ def routes(core: InferenceServer) -> list[BaseRoute]:
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
     return [
+        # Starlette tries routes in order: inference, the one hot path, is matched first.
+        Route(model + "/infer", infer, methods=["POST"]),
+        Route(versioned + "/infer", infer, methods=["POST"]),
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
@@ -250,7 +253,6 @@ def routes(core: InferenceServer) -> list[BaseRoute]:
                 Route(prefix + "/ready", model_ready, methods=["GET"]),
                 Route(prefix + "/config", model_config, methods=["GET"]),
                 Route(prefix + "/stats", model_statistics, methods=["GET"]),
-                Route(prefix + "/infer", infer, methods=["POST"]),
             )
         ],
     ]

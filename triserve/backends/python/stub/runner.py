@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import importlib.util
 import inspect
 import json
@@ -29,7 +30,7 @@ import sys
 import threading
 import traceback
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterable
 
 import triton_python_backend_utils as pb_utils
 
@@ -109,9 +110,16 @@ class Connection:
         self._lock = threading.Lock()
 
     def send(self, message: tuple) -> None:
-        data = pickle.dumps(message, protocol=5)
+        self.send_all((message,))
+
+    def send_all(self, messages: Iterable[tuple]) -> None:
+        """Several messages in one write: the server reads them with one wakeup."""
+        frames = []
+        for message in messages:
+            data = pickle.dumps(message, protocol=5)
+            frames += (_HEADER.pack(len(data)), data)
         with self._lock:
-            self._sock.sendall(_HEADER.pack(len(data)) + data)
+            self._sock.sendall(b"".join(frames))
 
     def receive(self) -> tuple | None:
         """The next message, or None when the server closed the socket."""
@@ -157,20 +165,29 @@ class Instance:
 
     def send_response(self, job_id: int, response: pb_utils.InferenceResponse | None,
                       final: bool) -> None:
+        """A decoupled model's response sender: goes out at once, from any thread."""
+        self.connection.send(self.response_message(job_id, response, final))
+
+    def response_message(self, job_id: int, response: pb_utils.InferenceResponse | None,
+                         final: bool) -> tuple:
         outputs, error, parameters = response_payload(response)
         if final:
             with self.requests_lock:
                 self.requests.pop(job_id, None)
-        self.connection.send(("response", job_id, outputs, error, parameters, final))
+        return ("response", job_id, outputs, error, parameters, final)
 
-    def fail_open_requests(self, batch: list[pb_utils.InferenceRequest], message: str) -> None:
+    def fail_open_requests(self, batch: list[pb_utils.InferenceRequest], message: str) -> list[tuple]:
+        """Final error responses for the requests of ``batch`` that have none yet."""
+        failures = []
         for request in batch:
             if not request._completed:
                 request._completed = True
-                self.send_response(request._job_id, pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)), True)
+                failures.append(self.response_message(request._job_id, pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)), True))
+        return failures
 
     def execute(self, batch_id: int, payloads: list[tuple]) -> None:
+        """Run one batch; its returned responses and ``done`` leave in a single write."""
         batch = []
         for job_id, request_id, correlation_id, parameters, inputs, outputs, flags in payloads:
             request = pb_utils.InferenceRequest(
@@ -182,29 +199,28 @@ class Instance:
         with self.requests_lock:
             self.requests.update((request._job_id, request) for request in batch)
         try:
-            self.answer(batch, self.run(self.model.execute(batch)))
+            replies = self.answer(batch, self.run(self.model.execute(batch)))
         except Exception as exc:  # the model's error goes to its clients; the instance lives on
             self.log("ERROR", f"execute failed:\n{traceback.format_exc()}")
-            self.fail_open_requests(batch, describe(exc))
-        self.connection.send(("done", batch_id))
+            replies = self.fail_open_requests(batch, describe(exc))
+        self.connection.send_all([*replies, ("done", batch_id)])
 
-    def answer(self, batch: list[pb_utils.InferenceRequest], responses: Any) -> None:
-        """Send what ``execute`` returned: one response per request, or None."""
+    def answer(self, batch: list[pb_utils.InferenceRequest], responses: Any) -> list[tuple]:
+        """The response messages for what ``execute`` returned: one response per request, or None."""
         if responses is None:
-            if not self.decoupled:
-                self.fail_open_requests(
-                    batch, "execute returned None without sending a final response for the request")
-            return
+            if self.decoupled:
+                return []
+            return self.fail_open_requests(
+                batch, "execute returned None without sending a final response for the request")
         if self.decoupled:
-            self.fail_open_requests(
+            return self.fail_open_requests(
                 batch, "execute of a decoupled model must return None and answer through "
                 "request.get_response_sender()")
-            return
         responses = list(responses)
         if len(responses) != len(batch):
-            self.fail_open_requests(
+            return self.fail_open_requests(
                 batch, f"execute returned {len(responses)} responses for {len(batch)} requests")
-            return
+        replies = []
         for request, response in zip(batch, responses):
             if request._completed:
                 continue
@@ -212,7 +228,8 @@ class Instance:
                 response = pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     f"execute returned {type(response).__name__}, not an InferenceResponse"))
             request._completed = True
-            self.send_response(request._job_id, response, True)
+            replies.append(self.response_message(request._job_id, response, True))
+        return replies
 
     # -- messages from the server --------------------------------------------
 
@@ -292,6 +309,7 @@ def serve_instance(fd: int) -> None:
     except Exception as exc:
         connection.send(("load_failed", describe(exc), traceback.format_exc()))
         return
+    gc.freeze()  # the loaded model stays out of the collections that requests trigger
     connection.send(("ready", os.getpid()))
     instance.serve()
 
