@@ -30,7 +30,13 @@ def _shape_text(shape) -> str:
 
 
 def _matches(expected: tuple[int, ...], shape: list[int]) -> bool:
-    return len(expected) == len(shape) and all(e in (-1, s) for e, s in zip(expected, shape, strict=True))
+    """Does ``shape`` fit ``expected`` (-1: any size)? A plain loop: it runs per input per request."""
+    if len(expected) != len(shape):
+        return False
+    for wanted, size in zip(expected, shape):
+        if wanted != size and wanted != -1:
+            return False
+    return True
 
 
 class RequestValidator:
@@ -104,7 +110,10 @@ class RequestValidator:
                         + ("" if batch_size else f"; input '{tensor.name}' has batch size 0")
                     )
                 shape = shape[1:]
-            if not any(_matches(expected, shape) for expected in spec.shapes):
+            for expected in spec.shapes:
+                if _matches(expected, shape):
+                    break
+            else:
                 batch_dim = [-1] if self.max_batch_size > 0 else []
                 raise InferError.invalid(
                     f"unexpected shape for input '{tensor.name}' for model '{self.model_name}'. "

@@ -2,15 +2,17 @@
 
 Each instance of the config's ``instance_group`` is a ``stub/runner.py`` process
 started by file path with the model's Python (ours, or the EXECUTION_ENV_PATH
-env's), so the model never imports triserve. Parent and child talk over a
-socketpair in length-prefixed pickle (protocol 5) frames: numpy arrays travel
+env's), so the model never imports triserve. Parent and child talk over two
+socketpairs in length-prefixed pickle (protocol 5) frames: numpy arrays travel
 as they are, with no JSON on the per-request path. The parent side is one
 asyncio protocol (:class:`FrameProtocol`), so a request costs no thread, one
 write, and no await per frame received.
 
-Messages, parent -> child: ``initialize``, ``execute``, ``cancel``,
-``bls_response``, ``finalize``; child -> parent: ``ready`` / ``load_failed``,
-``response``, ``done``, ``bls``, ``log``, ``finalized``.
+Messages, parent -> child: ``initialize``, ``execute``, ``finalize``, which the
+child's main thread reads itself, and on the control socket ``cancel`` and
+``bls_response``, which its reader thread takes while ``execute`` runs;
+child -> parent: ``ready`` / ``load_failed``, ``response``, ``done``, ``bls``,
+``log``, ``finalized``.
 """
 
 from __future__ import annotations
@@ -269,6 +271,7 @@ class InstanceProcess:
         self.pid = 0
         self._process: subprocess.Popen | None = None
         self._protocol: FrameProtocol | None = None
+        self._control: FrameProtocol | None = None  # cancellations and BLS responses
         self._closed = asyncio.Event()  # the socket closed; _exit_task then cleans up
         self._exit_task: asyncio.Task | None = None
         self._ready: asyncio.Future | None = None
@@ -283,6 +286,7 @@ class InstanceProcess:
                     model_config_json: str) -> None:
         loop = asyncio.get_running_loop()
         parent_sock, child_sock = socket.socketpair()
+        parent_control, child_control = socket.socketpair()
         env = dict(env)
         if self.spec.kind == "GPU":
             env["CUDA_VISIBLE_DEVICES"] = str(self.spec.device_id)
@@ -292,12 +296,16 @@ class InstanceProcess:
             # Its own session keeps a Ctrl-C to the server's process group from killing the
             # instance before the server finalizes it.
             self._process = subprocess.Popen(
-                [str(python), str(RUNNER), str(child_sock.fileno())],
-                pass_fds=(child_sock.fileno(),), env=env, start_new_session=True)
+                [str(python), str(RUNNER), str(child_sock.fileno()), str(child_control.fileno())],
+                pass_fds=(child_sock.fileno(), child_control.fileno()), env=env,
+                start_new_session=True)
         finally:
             child_sock.close()
+            child_control.close()
         _, self._protocol = await loop.create_unix_connection(
             lambda: FrameProtocol(self._dispatch, self._on_closed), sock=parent_sock)
+        _, self._control = await loop.create_unix_connection(
+            lambda: FrameProtocol(self._dispatch, lambda: None), sock=parent_control)
         self._alive = True
         self._ready = loop.create_future()
         self._send(("initialize", str(model_file), {
@@ -322,7 +330,7 @@ class InstanceProcess:
         for job in jobs:
             job_id = next(self._ids)
             self._jobs[job_id] = job
-            job.add_cancel_callback(lambda job_id=job_id: self._send(("cancel", job_id)))
+            job.add_cancel_callback(lambda job_id=job_id: self._send_control(("cancel", job_id)))
             payloads.append(request_payload(job_id, job.request))
         self._send(("execute", batch_id, payloads))
         await self._protocol.writable()
@@ -340,6 +348,7 @@ class InstanceProcess:
                 self.context.logger.warning("model '%s' instance '%s': finalize timed out",
                                             self.context.name, self.spec.name)
         self._protocol.close()
+        self._control.close()
         try:
             await asyncio.to_thread(self._process.wait, _FINALIZE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -354,6 +363,10 @@ class InstanceProcess:
     def _send(self, message: tuple) -> None:
         if self._alive:
             self._protocol.send(message)
+
+    def _send_control(self, message: tuple) -> None:
+        if self._alive:
+            self._control.send(message)
 
     def _on_closed(self) -> None:
         self._closed.set()
@@ -438,20 +451,20 @@ class InstanceProcess:
                 error = None if response.error is None else (response.error.code.value,
                                                              response.error.message)
                 tensors = [(tensor.name, tensor.data) for tensor in response.outputs]
-                self._send(("bls_response", bls_id, tensors, error, response.parameters,
-                            response.final))
+                self._send_control(("bls_response", bls_id, tensors, error,
+                                    response.parameters, response.final))
                 final_sent = response.final
                 if final_sent:
                     break
         except InferError as exc:
-            self._send(("bls_response", bls_id, [], (exc.code.value, exc.message), {}, True))
+            self._send_control(("bls_response", bls_id, [], (exc.code.value, exc.message), {}, True))
             final_sent = True
         except ValueError as exc:
-            self._send(("bls_response", bls_id, [], (ErrorCode.INVALID_ARGUMENT.value, str(exc)),
-                        {}, True))
+            self._send_control(("bls_response", bls_id, [],
+                                (ErrorCode.INVALID_ARGUMENT.value, str(exc)), {}, True))
             final_sent = True
         if not final_sent:
-            self._send(("bls_response", bls_id, [], None, {}, True))
+            self._send_control(("bls_response", bls_id, [], None, {}, True))
 
 
 def request_payload(job_id: int, request: InferRequest) -> tuple:

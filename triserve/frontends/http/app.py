@@ -3,6 +3,11 @@
 Each dialect module owns its routes; this module only puts them together (the
 most specific first, ChatGLM's catch-all ``POST /`` last) and installs the shared
 error handlers, so every route answers errors as ``{"error": "<message>"}``.
+
+KServe inference, the one hot path, skips Starlette: :class:`TriserveApp` matches
+``POST /v2/models/{model}[/versions/{version}]/infer`` on the raw ASGI scope and
+answers it with :func:`kserve.infer` directly, without Request/Response objects,
+routing or the exception middleware, which cost more CPU than the inference itself.
 """
 
 from __future__ import annotations
@@ -10,18 +15,82 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
-from triserve.frontends.http import chatglm, generate, kserve, legacy, openai, openapi
-from triserve.frontends.http.errors import EXCEPTION_HANDLERS
+from triserve.core.errors import InferError
+from triserve.frontends.http import binary, chatglm, generate, jsonio, kserve, legacy, openai, openapi
+from triserve.frontends.http.errors import EXCEPTION_HANDLERS, error_body, unexpected_error_body
 
 if TYPE_CHECKING:
     from triserve.core.server import InferenceServer
+
+_JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+_CONTENT_ENCODING = b"content-encoding"
+_HEADER_LENGTH = binary.HEADER.lower().encode()
 
 
 class HttpOptions(Protocol):
     """What the HTTP app is configured with (the CLI's parsed arguments fit)."""
 
     chatglm_model: str | None  # the model behind ChatGLM's api.py; None: the first chat model
+
+
+class TriserveApp(Starlette):
+    """The Starlette app, with KServe's ``POST .../infer`` answered before Starlette sees it."""
+
+    def __init__(self, core: InferenceServer, **starlette_options):
+        super().__init__(**starlette_options)
+        self._core = core
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            target = kserve.infer_path_target(scope["path"])
+            if target is not None:
+                await self._infer(scope, receive, send, *target)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def _infer(self, scope: Scope, receive: Receive, send: Send, model: str, version: str) -> None:
+        body = await _read_body(receive)
+        if body is None:
+            return  # the client went away: there is no one to answer
+        content_encoding = header_length = None
+        for name, value in scope["headers"]:
+            if name == _CONTENT_ENCODING and content_encoding is None:
+                content_encoding = value.decode("latin-1")
+            elif name == _HEADER_LENGTH and header_length is None:
+                header_length = value.decode("latin-1")
+        try:
+            payload, headers = await kserve.infer(
+                self._core, model, version, body, content_encoding, header_length)
+        except InferError as exc:
+            await _send(send, exc.code.http_status, jsonio.dumps(error_body(exc.message)),
+                        [_JSON_CONTENT_TYPE])
+            return
+        except Exception as exc:  # a bug: answered like Starlette's handler, the server keeps serving
+            document = unexpected_error_body("POST", scope["path"], exc)
+            await _send(send, 500, jsonio.dumps(document), [_JSON_CONTENT_TYPE])
+            return
+        await _send(send, 200, payload,
+                    [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()])
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None when the client disconnected first."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(core: InferenceServer, options: HttpOptions) -> Starlette:
@@ -33,4 +102,4 @@ def create_app(core: InferenceServer, options: HttpOptions) -> Starlette:
         *legacy.routes(core),
         *chatglm.routes(core, options.chatglm_model),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    return TriserveApp(core, routes=routes, exception_handlers=EXCEPTION_HANDLERS)

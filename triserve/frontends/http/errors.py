@@ -38,9 +38,14 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body(message), status_code=exc.status_code, headers=exc.headers)
 
 
+def unexpected_error_body(method: str, path: str, exc: Exception) -> dict[str, str]:
+    """Log a bug with its traceback; the client gets a 500 with this body, the server keeps serving."""
+    logger.exception("unexpected error serving %s %s", method, path)
+    return error_body(f"internal error: {exc}")
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    logger.exception("unexpected error serving %s %s", request.method, request.url.path)
-    return JSONResponse(error_body(f"internal error: {exc}"), status_code=500)
+    return JSONResponse(unexpected_error_body(request.method, request.url.path, exc), status_code=500)
 
 
 EXCEPTION_HANDLERS = {

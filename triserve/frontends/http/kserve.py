@@ -80,7 +80,8 @@ def decode_infer_request(
     return request, encoding
 
 
-def encode_infer_response(response: InferResponse, encoding: OutputEncoding) -> Response:
+def encode_infer_response(response: InferResponse, encoding: OutputEncoding) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers, built once (the fast path sends them as they are)."""
     outputs = []
     chunks: list[bytes] = []
     for tensor in response.outputs:
@@ -101,8 +102,36 @@ def encode_infer_response(response: InferResponse, encoding: OutputEncoding) -> 
     if response.parameters:
         document["parameters"] = response.parameters
     document["outputs"] = outputs
-    body, headers = binary.encode_body(document, chunks)
-    return Response(body, headers=headers)
+    return binary.encode_body(document, chunks)
+
+
+async def infer(
+    core: InferenceServer, model: str, version: str, body: bytes,
+    content_encoding: str | None, header_length: str | None,
+) -> tuple[bytes, dict[str, str]]:
+    """``POST .../infer`` without a web framework: raw body and headers in, response bytes out.
+
+    Both the Starlette route and the app's ASGI fast path call this, so the two agree.
+    """
+    infer_request, encoding = decode_infer_request(
+        model, version, decode_body(body, content_encoding), header_length
+    )
+    return encode_infer_response(await core.infer(infer_request), encoding)
+
+
+def infer_path_target(path: str) -> tuple[str, str] | None:
+    """``(model, version)`` when ``path`` is ``/v2/models/{model}[/versions/{version}]/infer``.
+
+    Matches what the Starlette routes below match (a parameter is one non-empty segment).
+    """
+    if not path.startswith("/v2/models/") or not path.endswith("/infer"):
+        return None
+    segments = path[len("/v2/models/"):-len("/infer")].split("/")
+    if len(segments) == 1 and segments[0]:
+        return segments[0], ""
+    if len(segments) == 3 and segments[1] == "versions" and segments[0] and segments[2]:
+        return segments[0], segments[2]
+    return None
 
 
 def _decode_input(entry: Any, binary_part: binary.BinaryReader) -> InferTensor:
@@ -156,10 +185,11 @@ def _flag(value: Any, what: str) -> bool:
     return value
 
 
-async def read_body(request: Request) -> bytes:
+def decode_body(body: bytes, content_encoding: str | None) -> bytes:
     """The request body, decompressed when the client sent ``Content-Encoding`` gzip/deflate."""
-    body = await request.body()
-    encoding = request.headers.get("content-encoding", "identity").lower()
+    if content_encoding is None:
+        return body
+    encoding = content_encoding.lower()
     if encoding == "identity":
         return body
     if encoding not in _DECOMPRESS:
@@ -196,13 +226,12 @@ def routes(core: InferenceServer) -> list[BaseRoute]:
     async def model_config(request: Request) -> Response:
         return JSONResponse(core.get_model(*model_version(request)).config_json())
 
-    async def infer(request: Request) -> Response:
-        model, version = model_version(request)
-        body = await read_body(request)
-        infer_request, encoding = decode_infer_request(
-            model, version, body, request.headers.get(binary.HEADER)
+    async def infer_route(request: Request) -> Response:
+        body, headers = await infer(
+            core, *model_version(request), await request.body(),
+            request.headers.get("content-encoding"), request.headers.get(binary.HEADER),
         )
-        return encode_infer_response(await core.infer(infer_request), encoding)
+        return Response(body, headers=headers)
 
     async def all_statistics(request: Request) -> Response:
         return JSONResponse({"model_stats": core.statistics()})
@@ -235,9 +264,10 @@ def routes(core: InferenceServer) -> list[BaseRoute]:
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
     return [
-        # Starlette tries routes in order: inference, the one hot path, is matched first.
-        Route(model + "/infer", infer, methods=["POST"]),
-        Route(versioned + "/infer", infer, methods=["POST"]),
+        # The app's ASGI fast path answers POST to these before Starlette sees it; the routes
+        # remain for Starlette's own answers (405 to other methods) and its route list.
+        Route(model + "/infer", infer_route, methods=["POST"]),
+        Route(versioned + "/infer", infer_route, methods=["POST"]),
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),

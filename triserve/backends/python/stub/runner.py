@@ -1,6 +1,6 @@
 """The model process: loads one model.py and serves one instance of it over a socket.
 
-Started by file path (``python runner.py FD``), so only this folder is on
+Started by file path (``python runner.py FD CONTROL_FD``), so only this folder is on
 ``sys.path``: the model sees its own environment plus ``triton_python_backend_utils``,
 never triserve's packages. ``python runner.py --auto-complete MODEL_PY`` instead
 reads a config JSON on stdin, runs ``TritonPythonModel.auto_complete_config`` and
@@ -8,8 +8,9 @@ prints the completed JSON.
 
 Frames are a 4-byte little-endian length and a pickle (protocol 5) of a tuple
 whose first item names the message; see ``backend.py`` for the parent side.
-A reader thread receives frames while the main thread runs ``execute``, so BLS
-responses and cancellations arrive while a model is busy.
+The main thread reads ``execute`` and ``finalize`` from FD itself, so a request
+reaches the model with no thread handoff. Cancellations and BLS responses come on
+CONTROL_FD, served by a reader thread, so they arrive while a model is busy.
 """
 
 from __future__ import annotations
@@ -136,8 +137,10 @@ class Connection:
 class Instance:
     """One TritonPythonModel object and the requests it is working on."""
 
-    def __init__(self, connection: Connection, model_file: str, args: dict[str, str]):
+    def __init__(self, connection: Connection, control: Connection, model_file: str,
+                 args: dict[str, str]):
         self.connection = connection
+        self.control = control
         self.model_name = args["model_name"]
         self.decoupled = json.loads(args["model_config"]).get(
             "model_transaction_policy", {}).get("decoupled", False)
@@ -145,7 +148,6 @@ class Instance:
         self.requests_lock = threading.Lock()
         self.bls_calls: dict[int, queue.SimpleQueue] = {}
         self.next_bls_id = 0
-        self.work: queue.SimpleQueue = queue.SimpleQueue()
         self.loop = asyncio.new_event_loop()
         pb_utils.channel.send_response = self.send_response
         pb_utils.channel.bls = self.bls
@@ -260,25 +262,24 @@ class Instance:
     def log(self, level: str, message: str) -> None:
         self.connection.send(("log", level, message))
 
-    def read_messages(self) -> None:
-        """Reader thread: route each message; exit the process when the server goes away."""
+    def read_control(self) -> None:
+        """Reader thread: cancellations and BLS responses; exit the process when the server goes away."""
+        while True:
+            message = self.control.receive()
+            if message is None:
+                os._exit(0)
+            if message[0] == "cancel":
+                self.cancel(message[1])
+            else:
+                self.bls_response(*message[1:])
+
+    def serve(self) -> None:
+        """Main thread: read and run batches one at a time until told to finalize."""
+        threading.Thread(target=self.read_control, name="triserve-control", daemon=True).start()
         while True:
             message = self.connection.receive()
             if message is None:
                 os._exit(0)
-            kind = message[0]
-            if kind == "execute" or kind == "finalize":
-                self.work.put(message)
-            elif kind == "cancel":
-                self.cancel(message[1])
-            elif kind == "bls_response":
-                self.bls_response(*message[1:])
-
-    def serve(self) -> None:
-        """Main thread: run batches one at a time until told to finalize."""
-        threading.Thread(target=self.read_messages, name="triserve-reader", daemon=True).start()
-        while True:
-            message = self.work.get()
             if message[0] == "finalize":
                 break
             self.execute(message[1], message[2])
@@ -297,15 +298,16 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def serve_instance(fd: int) -> None:
+def serve_instance(fd: int, control_fd: int) -> None:
     die_with_parent()
     connection = Connection(socket.socket(fileno=fd))
+    control = Connection(socket.socket(fileno=control_fd))
     message = connection.receive()
     if message is None:
         return
     _, model_file, args = message
     try:
-        instance = Instance(connection, model_file, args)
+        instance = Instance(connection, control, model_file, args)
     except Exception as exc:
         connection.send(("load_failed", describe(exc), traceback.format_exc()))
         return
@@ -332,4 +334,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--auto-complete":
         auto_complete(sys.argv[2])
     else:
-        serve_instance(int(sys.argv[1]))
+        serve_instance(int(sys.argv[1]), int(sys.argv[2]))
