@@ -123,6 +123,10 @@ def test_seed_makes_sampling_repeatable(client):
         return client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8,
             temperature=1.0, top_p=0.95, seed=1234).choices[0].message.content
+    # In bfloat16 (the default dtype) logits move slightly with how a prompt was split between
+    # the prefix cache and prefill, so a seed repeats exactly from the same cache state (as in
+    # vLLM; float32 repeats always). The first call puts the prompt in the cache for both.
+    sample()
     assert sample() == sample()
 
 
