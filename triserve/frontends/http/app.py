@@ -50,7 +50,8 @@ class TriserveApp(Starlette):
                 return
         await super().__call__(scope, receive, send)
 
-    async def _infer(self, scope: Scope, receive: Receive, send: Send, model: str, version: str) -> None:
+    async def _infer(self, scope: Scope, receive: Receive, send: Send,
+                     model: str, version: str) -> None:
         body = await _read_body(receive)
         if body is None:
             return  # the client went away: there is no one to answer
@@ -71,8 +72,8 @@ class TriserveApp(Starlette):
             document = unexpected_error_body("POST", scope["path"], exc)
             await _send(send, 500, jsonio.dumps(document), [_JSON_CONTENT_TYPE])
             return
-        await _send(send, 200, payload,
-                    [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()])
+        await _send(send, 200, payload, [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                                         for name, value in headers.items()])
 
 
 async def _read_body(receive: Receive) -> bytes | None:

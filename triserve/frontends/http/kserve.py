@@ -80,7 +80,9 @@ def decode_infer_request(
     return request, encoding
 
 
-def encode_infer_response(response: InferResponse, encoding: OutputEncoding) -> tuple[bytes, dict[str, str]]:
+def encode_infer_response(
+    response: InferResponse, encoding: OutputEncoding
+) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers, built once (the fast path sends them as they are)."""
     outputs = []
     chunks: list[bytes] = []

@@ -37,6 +37,10 @@ def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) 
         raise InferError.invalid(
             f"input '{name}' has unknown datatype '{datatype}'; expected one of " + ", ".join(_JSON_KINDS)
         )
+    if datatype == "BYTES" and _is_flat_text(data):
+        # The usual BYTES input (a prompt, a chat field): encoded as it is, with no numpy
+        # string array in between, which costs more than the rest of decoding.
+        return InferTensor.from_flat(name, datatype, shape, [item.encode("utf-8") for item in data])
     return InferTensor.from_flat(name, datatype, shape, _json_array(name, datatype, data).reshape(-1))
 
 
@@ -109,6 +113,10 @@ def _json_array(name: str, datatype: str, data: Any) -> np.ndarray:
                 f"input '{name}': a value is out of the {datatype} range [{limits.min}, {limits.max}]"
             )
     return array.astype(dtype)
+
+
+def _is_flat_text(data: Any) -> bool:
+    return type(data) is list and all(type(item) is str for item in data)
 
 
 def _all_ints(array: np.ndarray) -> bool:
