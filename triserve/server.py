@@ -47,6 +47,8 @@ def _uvicorn(app, options: ServerOptions, port: int, access_log: bool) -> _Embed
     return _EmbeddedUvicorn(uvicorn.Config(
         app, host=options.host, port=port, log_config=None, access_log=access_log,
         lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # per-request work nobody here needs: no reverse proxy headers, no Server/Date headers
+        proxy_headers=False, server_header=False, date_header=False,
     ))
 
 

@@ -90,15 +90,10 @@ def as_bytes_array(array: np.ndarray) -> np.ndarray:
     array = np.asarray(array)
     if array.dtype == np.object_ and all(isinstance(x, bytes) for x in array.flat):
         return array
-    out = np.empty(array.shape, dtype=np.object_)
-    for index, item in np.ndenumerate(array):
-        if isinstance(item, (bytes, bytearray)):
-            out[index] = bytes(item)
-        elif isinstance(item, np.bytes_):
-            out[index] = bytes(item)
-        else:
-            out[index] = str(item).encode("utf-8")
-    return out
+    out = np.empty(array.size, dtype=np.object_)
+    out[:] = [bytes(item) if isinstance(item, (bytes, bytearray)) else str(item).encode("utf-8")
+              for item in array.flat]
+    return out.reshape(array.shape)
 
 
 def pack_bytes(array: np.ndarray) -> bytes:

@@ -239,7 +239,7 @@ class Instance:
         with self.requests_lock:
             request = self.requests.get(job_id)
         if request is not None:
-            request._cancelled.set()
+            request._cancelled = True
 
     def bls(self, request: pb_utils.InferenceRequest, decoupled: bool) -> queue.SimpleQueue:
         responses: queue.SimpleQueue = queue.SimpleQueue()

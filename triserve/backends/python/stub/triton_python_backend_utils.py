@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import queue
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -274,7 +273,7 @@ class InferenceRequest:
         self._timeout = timeout
         self._parameters = json.loads(parameters) if isinstance(parameters, str) else dict(parameters or {})
         self._job_id = -1
-        self._cancelled = threading.Event()
+        self._cancelled = False  # set by the runner's control thread; a bool store is atomic
         self._completed = False
         self._sender: InferenceResponseSender | None = None
 
@@ -305,7 +304,7 @@ class InferenceRequest:
         return self._sender
 
     def is_cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def set_release_flags(self, flags: int) -> None:
         """Accepted for compatibility: requests are always released after execute."""
