@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import time
 
 import pytest
 import requests
+from test_llm_server import MODEL as CHAT_MODEL, llm_metrics
 
 
 def post(server, model: str, endpoint: str, document, **kwargs) -> requests.Response:
@@ -99,3 +102,23 @@ def test_client_leaving_a_stream_keeps_the_server_serving(core_server):
         assert first.startswith(b"data: ")
     again = post(core_server, "stream_words", "generate_stream", {"prompt": "still here"})
     assert [event["word"] for event in events(again)] == ["still", "here"]
+
+
+def test_client_leaving_a_unary_generate_cancels_the_generation(chat_server):
+    before = llm_metrics(chat_server)["triserve_llm_generation_tokens_total"]
+    connection = http.client.HTTPConnection("127.0.0.1", chat_server.http_port, timeout=30)
+    try:
+        connection.request("POST", f"/v2/models/{CHAT_MODEL}/generate",
+                           json.dumps({"prompt": "Write a very long story about a dragon.",
+                                       "max_new_tokens": 1500}),
+                           {"Content-Type": "application/json"})
+        time.sleep(0.5)
+        assert llm_metrics(chat_server)["triserve_llm_running_sequences"] == 1
+    finally:
+        connection.close()  # the client gives up without reading the answer
+    deadline = time.monotonic() + 10
+    while llm_metrics(chat_server)["triserve_llm_running_sequences"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    metrics = llm_metrics(chat_server)
+    assert metrics["triserve_llm_running_sequences"] == 0
+    assert metrics["triserve_llm_generation_tokens_total"] - before < 1000

@@ -219,6 +219,15 @@ def test_abort_of_a_waiting_request(make_engine):
     assert running.final.finish_reason == "length"
 
 
+def test_stop_aborts_running_requests_without_caching_their_kv(make_engine):
+    engine = make_engine(max_num_seqs=1)
+    running = submit(engine, "running", PROMPTS[1], max_new_tokens=200)
+    assert running.first_token.wait(TIMEOUT)
+    engine.stop()
+    assert running.final.finish_reason == "abort"
+    assert engine.stats()["prefix_cache_entries"] == 0
+
+
 def test_stop_token_ends_the_sequence_and_is_not_returned(model, make_engine):
     expected = hf_greedy(model, PROMPTS[4], 12)
     stop = expected[5]

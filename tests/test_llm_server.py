@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
@@ -193,3 +194,18 @@ def test_bad_input_is_invalid_argument_naming_it(client, values, message):
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert message in caught.value.message()
     assert texts(client.infer(MODEL, chat_inputs("hi", max_new_tokens="2")), "response")[0]
+
+
+def test_stream_true_on_a_unary_http_request_is_invalid_argument(chat_server):
+    inputs = []
+    for name, value in {"prompt": b"hi", "max_new_tokens": b"4", "stream": b"true"}.items():
+        tensor = httpclient.InferInput(name, [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([value], dtype=np.object_))
+        inputs.append(tensor)
+    with httpclient.InferenceServerClient(chat_server.http_url) as client:
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer(MODEL, inputs)
+        assert caught.value.status() == "400"
+        assert (f"model '{MODEL}' sent a streamed response to a unary request: unset 'stream'"
+                in caught.value.message())
+        assert client.is_server_ready()

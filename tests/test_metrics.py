@@ -6,16 +6,19 @@ difference between two readings, so other tests' traffic does not matter.
 
 from __future__ import annotations
 
+import collections
 import re
 import urllib.request
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import Metric
 from tritonclient.utils import InferenceServerException
 
+from triserve.backends.llm.metrics import LLMMetrics
+from triserve.core.metrics import metrics_registry
 from triserve.frontends.metrics import exposition
 
 COUNTERS = [
@@ -142,3 +145,16 @@ def test_exposition_keeps_bare_counter_names_and_standard_families():
     assert "# TYPE engine_tokens_total counter\n" in text
     assert 'engine_tokens_total{model="a\\"b"} 2.0\n' in text
     assert '# TYPE nv_example counter\nnv_example{model="m",version="1"} 5.0\n' in text
+
+
+def test_reloading_an_llm_version_keeps_its_series():
+    """A reload of the same version tracks the new model before the old one is closed."""
+    old = LLMMetrics("reloaded", 1, lambda: collections.defaultdict(int))
+    new = LLMMetrics("reloaded", 1, lambda: collections.defaultdict(lambda: 7))
+    old.close()
+    new.first_token(0.2)
+    text = generate_latest(metrics_registry()).decode()
+    assert value(text, "triserve_llm_generation_tokens_total", model="reloaded") == 7
+    assert value(text, "triserve_llm_time_to_first_token_seconds_count", model="reloaded") == 1
+    new.close()
+    assert 'model="reloaded"' not in generate_latest(metrics_registry()).decode()

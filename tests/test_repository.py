@@ -7,17 +7,23 @@ identity model of tests/model_repository.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import TEST_REPOSITORY
-from serverproc import ServerProcess
+from serverproc import ServerProcess, free_port
 from tritonclient.utils import InferenceServerException
+
+from triserve.options import ServerOptions
+from triserve.server import StartupError, serve
 
 IDENTITY_MODEL = TEST_REPOSITORY / "identity_fp32" / "1" / "model.py"
 
@@ -201,6 +207,30 @@ def test_explicit_load_of_a_broken_model_reports_the_reason(explicit_server):
     assert client.is_model_ready("identity")  # the others keep serving
 
 
+def test_explicit_load_refuses_names_outside_the_repository(explicit_server, repository, tmp_path):
+    add_model(tmp_path, "escaped")  # a loadable model, but not in the repository
+    escaped = tmp_path / "escaped"
+    client = grpcclient.InferenceServerClient(explicit_server.grpc_url)
+    for name in (os.path.relpath(escaped, repository), str(escaped), "identity/1"):
+        with pytest.raises(InferenceServerException) as error:
+            client.load_model(name)
+        assert error.value.status() == "StatusCode.NOT_FOUND"
+        assert f"no model folder '{name}'" in error.value.message()
+    assert client.is_model_ready("identity")
+
+
+def test_failed_reload_keeps_serving_and_shows_why(explicit_server):
+    client = httpclient.InferenceServerClient(explicit_server.http_url)
+    with pytest.raises(InferenceServerException):
+        client.load_model("identity", config="{not json")
+    infer(explicit_server, "identity")
+    row = index_rows(explicit_server)[("identity", "1")]
+    assert row["state"] == "READY"
+    assert row["reason"].startswith("reload failed: ")
+    client.load_model("identity")  # a good reload clears the reason
+    assert index_rows(explicit_server)[("identity", "1")]["reason"] == ""
+
+
 def test_sigterm_stops_gracefully_and_ends_model_processes(tmp_path):
     add_model(tmp_path, "identity")
     with ServerProcess(tmp_path) as process:
@@ -212,3 +242,11 @@ def test_sigterm_stops_gracefully_and_ends_model_processes(tmp_path):
     log = process.log()
     assert "unloaded model 'identity' version 1" in log and "triserve stopped" in log
     assert not [child for child in children if Path(f"/proc/{child}").exists()]
+
+
+def test_a_failed_start_stops_the_server_with_the_reason(tmp_path):
+    # serve() itself: the CLI refuses a missing repository before it gets this far
+    options = ServerOptions(model_repository=tmp_path / "gone", host="127.0.0.1", http_port=free_port(),
+                            grpc_port=free_port(), metrics_port=free_port())
+    with pytest.raises(StartupError, match=f"model repository {tmp_path / 'gone'} is not a directory"):
+        asyncio.run(asyncio.wait_for(serve(options), 30))

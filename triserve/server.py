@@ -106,10 +106,18 @@ async def serve(options: ServerOptions) -> None:
                 "model repository %s", triserve.__version__, options.host, options.http_port,
                 grpc_address, options.host, options.metrics_port, options.model_repository)
 
+    def stop_if_loading_failed(task: asyncio.Task) -> None:
+        """A failed start would otherwise leave the server up but never ready, its error unseen."""
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("loading the startup models failed", exc_info=task.exception())
+            stop.set()
+
     loading = asyncio.create_task(core.start())
     loading.add_done_callback(_freeze_startup_objects)
+    loading.add_done_callback(stop_if_loading_failed)
     await stop.wait()
     logger.info("stopping: finishing running requests, then unloading models")
+    core.begin_shutdown()
     if not loading.done():
         loading.cancel()
     http.should_exit = metrics.should_exit = True
@@ -117,6 +125,9 @@ async def serve(options: ServerOptions) -> None:
                          return_exceptions=True)
     await core.stop()
     logger.info("triserve stopped")
+    if loading.done() and not loading.cancelled() and loading.exception() is not None:
+        raise StartupError(f"triserve stopped because loading the startup models failed: "
+                           f"{loading.exception()}")
 
 
 def run(options: ServerOptions) -> None:

@@ -129,7 +129,8 @@ class ModelRepository:
         rows = []
         for name in names:
             record = self._models.get(name, _ModelRecord())
-            versions = {v: ("READY", "") for v in record.versions}
+            # a READY version's reason is why the last reload failed, if it did
+            versions = {v: ("READY", record.reason) for v in record.versions}
             versions.update({v: ("UNAVAILABLE", why) for v, why in record.failed.items()})
             if versions:
                 rows.extend({"name": name, "version": str(v), "state": state, "reason": why}
@@ -145,11 +146,11 @@ class ModelRepository:
         On reload the new versions are loaded first and the old ones unloaded
         after, so a failed reload leaves the model serving as before.
         """
-        model_dir = self.root / name
-        if not model_dir.is_dir():
+        if name not in model_folders(self.root):  # also refuses "../x", "/tmp/x", "a/b"
             message = f"failed to load '{name}': no model folder '{name}' in {self.root}"
             logger.error("%s", message)
             raise InferError.not_found(message)
+        model_dir = self.root / name
         record = self._models.setdefault(name, _ModelRecord())
         async with record.lock:
             previous = dict(record.versions)
@@ -161,7 +162,9 @@ class ModelRepository:
                 wanted = select_versions(config, version_folders(model_dir))
             except Exception as exc:  # any config or auto-complete failure is this model's reason
                 reason = str(exc) or repr(exc)
-                if not previous:
+                if previous:
+                    record.reason = f"reload failed: {reason}"
+                else:
                     record.state, record.reason, record.failed = ModelState.UNAVAILABLE, reason, {}
                 logger.error("failed to load model '%s': %s", name, reason)
                 bad_config = isinstance(exc, model_config.ConfigError)
@@ -194,7 +197,9 @@ class ModelRepository:
             await asyncio.gather(*(load_version(v) for v in wanted))
             if not loaded:
                 reason = "; ".join(f"version {v}: {why}" for v, why in sorted(failed.items()))
-                if not previous:
+                if previous:
+                    record.reason = f"reload failed: {reason}"
+                else:
                     record.state, record.reason, record.failed = ModelState.UNAVAILABLE, reason, failed
                 raise InferError.unavailable(f"failed to load '{name}': {reason}")
             record.versions, record.failed = loaded, failed

@@ -76,9 +76,14 @@ class InferenceServer:
                     f"; failed: {', '.join(failed)}" if failed else "")
         self._started = True
 
+    def begin_shutdown(self) -> None:
+        """Turn liveness and readiness false, so clients and load balancers stop sending
+        requests here while the frontends let running ones finish."""
+        self._stopping = True
+
     async def stop(self) -> None:
         """Stop accepting requests, let running ones finish briefly, unload every model."""
-        self._stopping = True
+        self.begin_shutdown()
         await self._models.unload_all()
 
     def get_model(self, name: str, version: str = "") -> ModelVersion:
@@ -115,8 +120,9 @@ class InferenceServer:
             if response.final:
                 answer.set_result(response)
             else:
-                answer.set_exception(InferError.internal(
-                    f"model '{model.name}' sent more than one response to a unary request"
+                answer.set_exception(InferError.invalid(
+                    f"model '{model.name}' sent a streamed response to a unary request: unset "
+                    "'stream' or use a streaming API (gRPC ModelStreamInfer, /generate_stream)"
                 ))
                 asyncio.get_running_loop().call_soon(job.cancel)
 

@@ -124,6 +124,9 @@ class LLMBackend(Backend):
         except ValueError as exc:
             job.fail(InferError.invalid(f"prompt: {exc}"))
             return
+        except RuntimeError:  # the engine stopped: this model is being unloaded
+            job.fail(InferError.unavailable(f"model '{self.context.name}' is being unloaded"))
+            return
         job.add_cancel_callback(abort)  # the engine then ends the request with "abort"
         await reply.done
 

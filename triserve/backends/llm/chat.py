@@ -188,9 +188,12 @@ def render_prompt(tokenizer: Any, chat: ChatRequest, chat_template: str | None =
         raise InferError.invalid(
             "raw: this model has no chat template, so send the whole prompt text with raw=true"
         )
-    encoded = tokenizer.apply_chat_template(
-        chat.messages(), chat_template=chat_template, add_generation_prompt=True, tokenize=True
-    )
+    try:
+        encoded = tokenizer.apply_chat_template(
+            chat.messages(), chat_template=chat_template, add_generation_prompt=True, tokenize=True
+        )
+    except TemplateError as exc:  # the template refuses these messages, e.g. a system role
+        raise InferError.invalid(f"chat template: {exc}") from None
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 

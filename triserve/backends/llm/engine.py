@@ -298,10 +298,11 @@ class LLMEngine:
             self._deliver(sequence, StepOutput([token], False, None, sequence.prompt_tokens,
                                                sequence.cached_tokens))
 
-    def _finish(self, sequence: _Sequence, reason: str, tokens: list[int], error: str | None = None) -> None:
+    def _finish(self, sequence: _Sequence, reason: str, tokens: list[int], error: str | None = None,
+                keep_kv: bool = True) -> None:
         sequence.finished = True
         if sequence.slot >= 0:
-            self._release(sequence, keep_kv=error is None)
+            self._release(sequence, keep_kv=keep_kv and error is None)
         with self._lock:
             self._inbox.request_ids.discard(sequence.request_id)
         self._deliver(sequence, StepOutput(tokens, True, reason, sequence.prompt_tokens,
@@ -328,9 +329,9 @@ class LLMEngine:
             logger.exception("output callback of request '%s' failed", sequence.request_id)
 
     def _drain(self) -> None:
-        """Abort everything still queued or running (the engine is stopping)."""
+        """Abort everything still queued or running (the engine is stopping, so no KV is kept)."""
         with self._lock:
             waiting = list(self._inbox.waiting)
             self._inbox.waiting.clear()
         for sequence in list(self._running) + waiting:
-            self._finish(sequence, "abort", [])
+            self._finish(sequence, "abort", [], keep_kv=False)

@@ -27,8 +27,6 @@ from tritonclient.grpc import model_config_pb2
 
 from triserve.backends.llm.engine import EngineConfig
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers reads it
-
 _PACKAGE_PREFIX = "package:"
 _PARAMETERS = ("model", "dtype", "quantization", "max_num_seqs", "max_model_len",
                "max_prefill_tokens", "prefix_cache_mb", "num_threads", "trust_remote_code")

@@ -57,8 +57,13 @@ class _EngineStatsCollector(Collector):
     def track(self, labels: tuple[str, str], stats: Callable[[], dict[str, Any]]) -> None:
         self._sources[labels] = stats
 
-    def untrack(self, labels: tuple[str, str]) -> None:
-        self._sources.pop(labels, None)
+    def untrack(self, labels: tuple[str, str], stats: Callable[[], dict[str, Any]]) -> bool:
+        """Forget ``labels`` if ``stats`` is still their source (on a reload of the same version
+        the new model tracks them before the old one is unloaded); True if forgotten."""
+        if self._sources.get(labels) is not stats:
+            return False
+        del self._sources[labels]
+        return True
 
     def collect(self) -> Iterator[Metric]:
         snapshots = [(labels, stats()) for labels, stats in list(self._sources.items())]
@@ -81,6 +86,7 @@ class LLMMetrics:
         self._labels = (model, str(version))
         self._time_to_first_token = _TIME_TO_FIRST_TOKEN.labels(*self._labels)
         self._time_per_output_token = _TIME_PER_OUTPUT_TOKEN.labels(*self._labels)
+        self._engine_stats = engine_stats
         _ENGINE_STATS.track(self._labels, engine_stats)
 
     def first_token(self, seconds: float) -> None:
@@ -92,7 +98,8 @@ class LLMMetrics:
             self._time_per_output_token.observe(seconds / count)
 
     def close(self) -> None:
-        """The model is unloaded: its series disappear from ``/metrics``."""
-        _ENGINE_STATS.untrack(self._labels)
-        _TIME_TO_FIRST_TOKEN.remove(*self._labels)
-        _TIME_PER_OUTPUT_TOKEN.remove(*self._labels)
+        """The model is unloaded: its series disappear from ``/metrics``, unless a reload of
+        the same version now owns them."""
+        if _ENGINE_STATS.untrack(self._labels, self._engine_stats):
+            _TIME_TO_FIRST_TOKEN.remove(*self._labels)
+            _TIME_PER_OUTPUT_TOKEN.remove(*self._labels)

@@ -463,6 +463,11 @@ class InstanceProcess:
             self._send_control(("bls_response", bls_id, [],
                                 (ErrorCode.INVALID_ARGUMENT.value, str(exc)), {}, True))
             final_sent = True
+        except Exception as exc:  # a bug: the model's exec() still gets its final response, not a hang
+            self.context.logger.exception("BLS request of model '%s' failed", self.context.name)
+            self._send_control(("bls_response", bls_id, [],
+                                (ErrorCode.INTERNAL.value, f"internal error: {exc}"), {}, True))
+            final_sent = True
         if not final_sent:
             self._send_control(("bls_response", bls_id, [], None, {}, True))
 

@@ -2,7 +2,7 @@
 
 Wire-compatible with Triton's gRPC endpoint, so ``tritonclient.grpc`` (and
 hand-built ``service_pb2`` requests like the seed's client) work unchanged.
-Every RPC decodes with :mod:`.codec`, calls the core, and maps
+Every RPC decodes with :mod:`triserve.frontends.kserve_proto`, calls the core, and maps
 :class:`InferError` codes onto gRPC status codes the way Triton does.
 """
 
@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.types import InferResponse
-from triserve.frontends.grpc import codec
+from triserve.frontends import kserve_proto
 
 if TYPE_CHECKING:
     from triserve.core.server import InferenceServer
@@ -138,27 +138,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: service_pb2.ServerMetadataRequest, context: Context
     ) -> service_pb2.ServerMetadataResponse:
-        return codec.server_metadata_to_proto(self.core.metadata())
+        return kserve_proto.server_metadata_to_proto(self.core.metadata())
 
     @unary
     async def ModelMetadata(
         self, request: service_pb2.ModelMetadataRequest, context: Context
     ) -> service_pb2.ModelMetadataResponse:
         model = self.core.get_model(request.name, request.version)
-        return codec.model_metadata_to_proto(model.metadata())
+        return kserve_proto.model_metadata_to_proto(model.metadata())
 
     @unary
     async def ModelConfig(
         self, request: service_pb2.ModelConfigRequest, context: Context
     ) -> service_pb2.ModelConfigResponse:
         model = self.core.get_model(request.name, request.version)
-        return codec.model_config_to_proto(model.config)
+        return kserve_proto.model_config_to_proto(model.config)
 
     @unary
     async def ModelStatistics(
         self, request: service_pb2.ModelStatisticsRequest, context: Context
     ) -> service_pb2.ModelStatisticsResponse:
-        return codec.statistics_to_proto(self.core.statistics(request.name, request.version))
+        return kserve_proto.statistics_to_proto(self.core.statistics(request.name, request.version))
 
     # --- inference -----------------------------------------------------------
 
@@ -166,8 +166,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: service_pb2.ModelInferRequest, context: Context
     ) -> service_pb2.ModelInferResponse:
-        response = await self.core.infer(codec.request_from_proto(request))
-        return codec.response_to_proto(response)
+        response = await self.core.infer(kserve_proto.request_from_proto(request))
+        return kserve_proto.response_to_proto(response)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[service_pb2.ModelInferRequest], context: Context
@@ -210,7 +210,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         """Run one streamed request, emitting each of its responses (or its error)."""
         try:
-            request = codec.request_from_proto(message)
+            request = kserve_proto.request_from_proto(message)
             send_empty_final = _pop_enable_empty_final(request.parameters)
             decoupled = self.core.get_model(request.model_name, request.model_version).decoupled
             async with contextlib.aclosing(self.core.stream(request)) as responses:
@@ -231,14 +231,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: service_pb2.RepositoryIndexRequest, context: Context
     ) -> service_pb2.RepositoryIndexResponse:
         _check_no_repository_name(request.repository_name)
-        return codec.repository_index_to_proto(self.core.repository_index(ready_only=request.ready))
+        return kserve_proto.repository_index_to_proto(self.core.repository_index(ready_only=request.ready))
 
     @unary
     async def RepositoryModelLoad(
         self, request: service_pb2.RepositoryModelLoadRequest, context: Context
     ) -> service_pb2.RepositoryModelLoadResponse:
         _check_no_repository_name(request.repository_name)
-        parameters = codec.parameters_from_proto(request.parameters)
+        parameters = kserve_proto.parameters_from_proto(request.parameters)
         config_json = parameters.pop("config", None)
         if config_json is not None and not isinstance(config_json, str):
             raise InferError.invalid(
@@ -260,7 +260,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: service_pb2.RepositoryModelUnloadRequest, context: Context
     ) -> service_pb2.RepositoryModelUnloadResponse:
         _check_no_repository_name(request.repository_name)
-        parameters = codec.parameters_from_proto(request.parameters)
+        parameters = kserve_proto.parameters_from_proto(request.parameters)
         # triserve has no ensembles, so a model never has dependents to unload with it.
         parameters.pop("unload_dependents", None)
         _check_no_parameters_left("RepositoryModelUnload", parameters, supported="unload_dependents")
@@ -297,7 +297,7 @@ def _stream_reply(response: InferResponse) -> service_pb2.ModelStreamInferRespon
             ),
         )
     else:
-        reply = service_pb2.ModelStreamInferResponse(infer_response=codec.response_to_proto(response))
+        reply = service_pb2.ModelStreamInferResponse(infer_response=kserve_proto.response_to_proto(response))
     reply.infer_response.parameters[FINAL_RESPONSE].bool_param = response.final
     return reply
 

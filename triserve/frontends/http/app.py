@@ -15,10 +15,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from triserve.core.errors import InferError
 from triserve.frontends.http import binary, chatglm, generate, jsonio, kserve, legacy, openai, openapi
+from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.errors import EXCEPTION_HANDLERS, error_body, unexpected_error_body
 
 if TYPE_CHECKING:
@@ -62,8 +64,10 @@ class TriserveApp(Starlette):
             elif name == _HEADER_LENGTH and header_length is None:
                 header_length = value.decode("latin-1")
         try:
-            payload, headers = await kserve.infer(
-                self._core, model, version, body, content_encoding, header_length)
+            payload, headers = await until_disconnected(receive, kserve.infer(
+                self._core, model, version, body, content_encoding, header_length))
+        except ClientDisconnect:
+            return  # the inference was cancelled: there is no one to answer
         except InferError as exc:
             await _send(send, exc.code.http_status, jsonio.dumps(error_body(exc.message)),
                         [_JSON_CONTENT_TYPE])

@@ -18,9 +18,10 @@ from starlette.routing import BaseRoute, Route
 
 from triserve.core.errors import InferError
 from triserve.core.types import InferRequest, InferResponse
+from triserve.frontends.chat_contract import is_chat_model
 from triserve.frontends.http import jsonio, tensors
+from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.jsonio import JSONResponse
-from triserve.frontends.http.openai import is_chat_model
 
 if TYPE_CHECKING:
     from triserve.core.model import ModelVersion
@@ -128,7 +129,7 @@ def routes(core: InferenceServer, model_name: str | None) -> list[BaseRoute]:
         document = jsonio.loads_object(await request.body())
         model = find_chat_model(core, model_name)
         infer_request = decode_chat_request(model.metadata(), document)
-        response = await core.infer(infer_request)
+        response = await until_disconnected(request.receive, core.infer(infer_request))
         return JSONResponse(chat_document(response, document["prompt"], document.get("history") or []))
 
     return [Route("/", chat, methods=["POST"])]

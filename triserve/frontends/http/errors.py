@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from triserve.core.errors import InferError
@@ -44,6 +44,11 @@ def unexpected_error_body(method: str, path: str, exc: Exception) -> dict[str, s
     return error_body(f"internal error: {exc}")
 
 
+async def _on_client_disconnect(request: Request, exc: Exception) -> Response:
+    # No one is left to read it: 499 is nginx's "client closed request", for the access log.
+    return Response(status_code=499)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     return JSONResponse(unexpected_error_body(request.method, request.url.path, exc), status_code=500)
 
@@ -51,5 +56,6 @@ async def _on_unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     InferError: _on_infer_error,
     HTTPException: _on_http_exception,
+    ClientDisconnect: _on_client_disconnect,
     Exception: _on_unexpected,
 }

@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 from triserve.core.errors import InferError
 from triserve.core.types import InferRequest, InferResponse
 from triserve.frontends.http import jsonio, tensors
+from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.errors import error_body, error_response
 from triserve.frontends.http.jsonio import JSONResponse
 
@@ -75,10 +76,6 @@ def generate_document(response: InferResponse) -> dict[str, Any]:
     return document
 
 
-def sse_event(document: dict[str, Any]) -> bytes:
-    return b"data: " + jsonio.dumps(document) + b"\n\n"
-
-
 async def _events(first: InferResponse, responses: AsyncIterator[InferResponse]) -> AsyncIterator[bytes]:
     """SSE events from the first response on; an error becomes an ``{"error"}`` event.
 
@@ -89,12 +86,12 @@ async def _events(first: InferResponse, responses: AsyncIterator[InferResponse])
         response: InferResponse | None = first
         while response is not None:
             if response.error is not None:
-                yield sse_event(error_body(response.error.message))
+                yield jsonio.sse_event(error_body(response.error.message))
             elif response.outputs or response.parameters:
-                yield sse_event(generate_document(response))
+                yield jsonio.sse_event(generate_document(response))
             response = None if response.final else await anext(responses, None)
     except InferError as exc:
-        yield sse_event(error_body(exc.message))
+        yield jsonio.sse_event(error_body(exc.message))
     finally:
         with anyio.CancelScope(shield=True):
             await responses.aclose()
@@ -108,7 +105,9 @@ def routes(core: InferenceServer) -> list[BaseRoute]:
                                        streaming)
 
     async def generate(request: Request) -> Response:
-        return JSONResponse(generate_document(await core.infer(await decode(request))))
+        infer_request = await decode(request)
+        response = await until_disconnected(request.receive, core.infer(infer_request))
+        return JSONResponse(generate_document(response))
 
     async def generate_stream(request: Request) -> Response:
         responses = core.stream(await decode(request, streaming=True))

@@ -38,6 +38,11 @@ def dumps(document: Any) -> bytes:
     return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def sse_event(document: Any) -> bytes:
+    """One server-sent event carrying ``document``, as both streaming dialects send them."""
+    return b"data: " + dumps(document) + b"\n\n"
+
+
 class JSONResponse(Response):
     media_type = "application/json"
 

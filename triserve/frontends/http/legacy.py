@@ -3,8 +3,8 @@
 The body is the protobuf JSON mapping of KServe v2 ``ModelInferRequest`` (tensors in
 ``contents`` with base64 ``bytes_contents``, or ``raw_input_contents``); the answer
 is the JSON mapping of ``ModelInferResponse`` with ``raw_output_contents``, exactly
-what the seed's LangChain class decodes. The proto <-> InferRequest conversion is the
-gRPC frontend's, so both wires accept and answer the same.
+what the seed's LangChain class decodes. The proto <-> InferRequest conversion is
+``frontends/kserve_proto.py``, shared with gRPC, so both wires accept and answer the same.
 
 Field names are kept as in the proto (``raw_output_contents``, not ``rawOutputContents``)
 and ``shape`` is a list of JSON integers (the proto's int64 would otherwise become
@@ -22,7 +22,8 @@ from starlette.routing import BaseRoute, Route
 from tritonclient.grpc import service_pb2
 
 from triserve.core.errors import InferError
-from triserve.frontends.grpc import codec
+from triserve.frontends import kserve_proto
+from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.jsonio import JSONResponse
 
 if TYPE_CHECKING:
@@ -49,8 +50,9 @@ def predict_document(response: service_pb2.ModelInferResponse) -> dict[str, Any]
 def routes(core: InferenceServer) -> list[BaseRoute]:
     async def predict(request: Request) -> Response:
         proto = parse_predict_request(await request.body())
-        response = await core.infer(codec.request_from_proto(proto))
-        return JSONResponse(predict_document(codec.response_to_proto(response)))
+        infer_request = kserve_proto.request_from_proto(proto)
+        response = await until_disconnected(request.receive, core.infer(infer_request))
+        return JSONResponse(predict_document(kserve_proto.response_to_proto(response)))
 
     return [
         Route(prefix + f"/{service}/Predict", predict, methods=["POST"])

@@ -27,7 +27,9 @@ from starlette.types import Send
 
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.types import InferRequest, InferResponse, InferTensor
+from triserve.frontends.chat_contract import is_chat_model
 from triserve.frontends.http import jsonio
+from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.jsonio import JSONResponse
 
 if TYPE_CHECKING:
@@ -58,13 +60,6 @@ def error_body(error: InferError) -> dict[str, Any]:
 
 def error_response(error: InferError) -> JSONResponse:
     return JSONResponse(error_body(error), status_code=error.code.http_status)
-
-
-def is_chat_model(metadata: dict[str, Any]) -> bool:
-    """The chat contract, recognised from KServe metadata alone."""
-    inputs = {tensor["name"] for tensor in metadata.get("inputs", [])}
-    outputs = {tensor["name"] for tensor in metadata.get("outputs", [])}
-    return "prompt" in inputs and "response" in outputs
 
 
 # --- reading the request body -------------------------------------------------------------
@@ -478,10 +473,6 @@ class TextCompletionFormat(CompletionFormat):
         return self.envelope(self.chunk_object_name, [self.whole_choice(text or "", finish_reason)])
 
 
-def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + jsonio.dumps(data) + b"\n\n"
-
-
 _SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -518,22 +509,22 @@ async def _sse_events(fmt: CompletionFormat, first: InferResponse, responses: As
     extra = {"usage": None} if include_usage else {}
     try:
         for chunk in fmt.opening_chunks():
-            yield _sse({**chunk, **extra})
+            yield jsonio.sse_event({**chunk, **extra})
         response = first
         while True:
             piece = response_text(response)
             if piece:
-                yield _sse({**fmt.piece_chunk(piece, None), **extra})
+                yield jsonio.sse_event({**fmt.piece_chunk(piece, None), **extra})
             if response.final:
                 break
             response = await _next_response(responses)
         finish_reason = str(response.parameters.get("finish_reason", "stop"))
-        yield _sse({**fmt.piece_chunk(None, finish_reason), **extra})
+        yield jsonio.sse_event({**fmt.piece_chunk(None, finish_reason), **extra})
         if include_usage:
-            yield _sse(fmt.envelope(fmt.chunk_object_name, [], usage=usage(response.parameters)))
+            yield jsonio.sse_event(fmt.envelope(fmt.chunk_object_name, [], usage=usage(response.parameters)))
         yield _SSE_DONE
     except InferError as error:
-        yield _sse(error_body(error))
+        yield jsonio.sse_event(error_body(error))
     finally:
         await responses.aclose()
 
@@ -595,7 +586,9 @@ def routes(core: InferenceServer) -> list[BaseRoute]:
                 body = await Body.read(request, allowed)
                 completion_id = fmt_class.new_id()
                 gen = build(core, body, completion_id)
-                return await complete(core, gen, fmt_class(gen.model, completion_id))
+                # A stream watches for the client itself; until it starts, and for a JSON answer, this does.
+                return await until_disconnected(request.receive,
+                                                complete(core, gen, fmt_class(gen.model, completion_id)))
             except InferError as error:
                 return error_response(error)
         return handle

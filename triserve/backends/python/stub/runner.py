@@ -256,7 +256,10 @@ class Instance:
     def bls_response(self, bls_id: int, outputs: list, error: tuple | None, parameters: dict,
                      final: bool) -> None:
         with self.requests_lock:
-            responses = self.bls_calls.pop(bls_id) if final else self.bls_calls[bls_id]
+            responses = self.bls_calls.pop(bls_id, None) if final else self.bls_calls.get(bls_id)
+        if responses is None:  # a server bug; the control reader must live on for every other call
+            print(f"triserve: response for unknown BLS request {bls_id} ignored", file=sys.stderr, flush=True)
+            return
         responses.put((response_from_payload(outputs, error, parameters), final))
 
     def log(self, level: str, message: str) -> None:
