@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
@@ -408,7 +409,7 @@ def usage(parameters: dict[str, Any]) -> dict[str, Any] | None:
     return counts
 
 
-class CompletionFormat:
+class CompletionFormat(ABC):
     """OpenAI's envelope for one completion: its id, and the shape of bodies and chunks."""
 
     object_name = ""
@@ -431,14 +432,16 @@ class CompletionFormat:
     def body(self, text: str, finish_reason: str, counts: dict[str, Any] | None) -> dict[str, Any]:
         return self.envelope(self.object_name, [self.whole_choice(text, finish_reason)], usage=counts)
 
+    @abstractmethod
     def whole_choice(self, text: str, finish_reason: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """One choice of a non-streamed body."""
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         return []
 
+    @abstractmethod
     def piece_chunk(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-        raise NotImplementedError
+        """One streamed chunk carrying a piece of text and/or the finish reason."""
 
 
 class ChatCompletionFormat(CompletionFormat):
