@@ -12,10 +12,8 @@ Nothing is ever downloaded: the server must start the same way offline.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -26,6 +24,7 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2
 
 from triserve.backends.llm.engine import EngineConfig
+from triserve.cache import cache_dir, file_sha256
 
 _PACKAGE_PREFIX = "package:"
 _PARAMETERS = ("model", "dtype", "quantization", "max_num_seqs", "max_model_len",
@@ -123,12 +122,6 @@ def load_model(settings: LLMSettings, logger: logging.Logger) -> tuple[Any, Any]
     return model.eval(), tokenizer
 
 
-def cache_dir() -> Path:
-    """Where converted models are kept: $TRISERVE_CACHE_DIR, else ~/.cache/triserve."""
-    root = os.environ.get("TRISERVE_CACHE_DIR") or Path.home() / ".cache" / "triserve"
-    return Path(root) / "models"
-
-
 def _converted_gguf(gguf: Path, logger: logging.Logger) -> Path:
     """The safetensors folder of a GGUF file, converting it on first use.
 
@@ -136,7 +129,7 @@ def _converted_gguf(gguf: Path, logger: logging.Logger) -> Path:
     renamed into it, so a crash or a second server converting at the same time
     never leaves a half-written model behind.
     """
-    target = cache_dir() / _sha256(gguf)
+    target = cache_dir("models") / file_sha256(gguf)
     if target.is_dir():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -164,9 +157,3 @@ def _converted_gguf(gguf: Path, logger: logging.Logger) -> Path:
     return target
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

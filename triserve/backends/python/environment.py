@@ -13,7 +13,6 @@ that names the env and the problem.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,15 +21,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from triserve.cache import cache_dir, file_sha256
 from triserve.core.errors import InferError
 
 PARAMETER = "EXECUTION_ENV_PATH"
 _READY_MARKER = ".triserve-unpacked"
 _PROBE = "import sys, numpy; print('%d.%d' % sys.version_info[:2])"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TRISERVE_CACHE_DIR") or Path.home() / ".cache" / "triserve")
 
 
 def prepare_python(env_path: str) -> Path:
@@ -52,7 +48,7 @@ def prepare_python(env_path: str) -> Path:
 
 def unpack_archive(archive: Path) -> Path:
     """The env unpacked from ``archive``, from the cache when it was unpacked before."""
-    envs = cache_dir() / "envs"
+    envs = cache_dir("envs")
     envs.mkdir(parents=True, exist_ok=True)
     target = envs / file_sha256(archive)
     # One process unpacks; a second server, or a second model sharing the env, waits for it.
@@ -74,14 +70,6 @@ def unpack_archive(archive: Path) -> Path:
         run_conda_unpack(target, archive)
         (target / _READY_MARKER).touch()
     return target
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_conda_unpack(env_dir: Path, archive: Path) -> None:
