@@ -25,7 +25,7 @@ from itertools import product
 from pathlib import Path
 from typing import Protocol
 
-from bench.procs import PeakRss, free_port, rss_split_kb, triserve_server
+from bench.procs import LoopbackAddresses, PeakRss, free_port, rss_split_kb, triserve_server
 from bench.report import markdown_table, ratio, results_dir
 
 ANCHORS = Path(os.environ.get("TRITON_ANCHORS", "/work/shared/anchors/triton"))
@@ -51,7 +51,7 @@ class Server(Protocol):
 
 
 @dataclass
-class TritonServer:
+class TritonServer(LoopbackAddresses):
     """The real tritonserver, started and stopped by the anchors' start.sh / stop.sh.
 
     ``ready_s`` is start.sh's own "READY in" figure: spawn to the first 200 from
@@ -71,14 +71,6 @@ class TritonServer:
     def pid(self) -> int:
         assert self._pid is not None, "triton is not running"
         return self._pid
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, "TRITON_ROOT": str(TRITON_ROOT), "MODEL_REPO": str(self.repository),

@@ -82,8 +82,23 @@ class PeakRss:
         self.peak_kb = max(self.peak_kb, tree_rss_kb(self.pid))
 
 
+class LoopbackAddresses:
+    """``host:port`` of a benchmarked server's endpoints on 127.0.0.1, as tritonclient takes them."""
+
+    http_port: int
+    grpc_port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+
 @dataclass
-class ServerProcess:
+class ServerProcess(LoopbackAddresses):
     """A server started from ``command``, ready once ``ready_url`` answers 200.
 
     ``ready_s`` is measured from spawn to the first 200, polled every 0.1 s (the
@@ -100,14 +115,6 @@ class ServerProcess:
     grpc_port: int = 0  # 0: the server has no gRPC endpoint
     proc: subprocess.Popen | None = None
     ready_s: float = float("nan")
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def pid(self) -> int:
