@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 from tritonclient.grpc import model_config_pb2
 
-from triserve.backends import backend_names, get_backend_class
-from triserve.backends.base import Backend, CoreClient, Job, ModelContext
+from triserve.core.backend import (Backend, CoreClient, Job, ModelContext, backend_names,
+                                   get_backend_class)
 from triserve.core import config as model_config
 from triserve.core import datatypes, metrics
 from triserve.core.errors import ErrorCode, InferError

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2
 
-from triserve.backends.base import CoreClient
+from triserve.core.backend import CoreClient
 from triserve.core import config as model_config
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.model import ModelVersion, backend_class_for

@@ -21,7 +21,7 @@ from collections import deque
 
 from tritonclient.grpc import model_config_pb2
 
-from triserve.backends.base import Backend, Job
+from triserve.core.backend import Backend, Job
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.statistics import ModelStatistics
 

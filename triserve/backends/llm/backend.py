@@ -20,11 +20,11 @@ from typing import Any, Callable
 import numpy as np
 from tritonclient.grpc import model_config_pb2
 
-from triserve.backends.base import Backend, Job, ModelContext
+from triserve.core.backend import Backend, Job, ModelContext
 from triserve.backends.llm.chat import (
-    CHAT_INPUTS, CHAT_OUTPUTS, REQUIRED_INPUTS, ChatRequest, parse_chat_request, render_prompt,
-    stop_token_ids,
+    ChatRequest, parse_chat_request, render_prompt, stop_token_ids,
 )
+from triserve.core.chat_contract import CHAT_INPUTS, CHAT_OUTPUTS, REQUIRED_INPUTS
 from triserve.backends.llm.detokenize import ReplyText
 from triserve.backends.llm.engine import LLMEngine, SamplingParams, StepOutput
 from triserve.backends.llm.loader import LLMSettings, load_model

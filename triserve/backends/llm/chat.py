@@ -19,16 +19,9 @@ from typing import Any, Mapping
 import numpy as np
 from jinja2 import TemplateError
 
+from triserve.core.chat_contract import CHAT_INPUTS
 from triserve.core.errors import InferError
 from triserve.core.types import InferRequest
-
-#: The contract's inputs in the order auto-complete declares them; only ``prompt`` is required.
-CHAT_INPUTS: tuple[str, ...] = (
-    "prompt", "history", "system", "temperature", "max_token", "history_len",
-    "max_new_tokens", "top_p", "top_k", "repetition_penalty", "seed", "stop", "stream", "raw",
-)
-REQUIRED_INPUTS: frozenset[str] = frozenset({"prompt"})
-CHAT_OUTPUTS: tuple[str, ...] = ("response", "history")
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off", ""})

@@ -34,7 +34,7 @@ from typing import Any, Callable
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2
 
-from triserve.backends.base import Backend, Job, ModelContext
+from triserve.core.backend import Backend, Job, ModelContext
 from triserve.backends.python import environment
 from triserve.core import datatypes
 from triserve.core.config import config_to_json

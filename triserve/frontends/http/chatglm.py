@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from triserve.core.errors import InferError
 from triserve.core.types import InferRequest, InferResponse
-from triserve.frontends.chat_contract import is_chat_model
+from triserve.core.chat_contract import is_chat_model
 from triserve.frontends.http import jsonio, tensors
 from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.jsonio import JSONResponse

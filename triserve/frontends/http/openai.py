@@ -28,7 +28,7 @@ from starlette.types import Send
 
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.types import InferRequest, InferResponse, InferTensor
-from triserve.frontends.chat_contract import is_chat_model
+from triserve.core.chat_contract import is_chat_model
 from triserve.frontends.http import jsonio
 from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.jsonio import JSONResponse

@@ -1,5 +1,10 @@
 """The contract between the core and a backend.
 
+This is a core concept, as Triton's backend API is part of its core and MLServer
+keeps ``MLModel`` in its own: the core depends on this module only, and finds a
+backend's class by name (``get_backend_class``) without importing the backends
+package up front.
+
 The core owns queueing, batching, statistics and the wire-independent request
 type; a backend owns running a model. For every loaded model version the core
 creates one :class:`Backend`, calls :meth:`Backend.load`, then hands it batches
@@ -11,6 +16,7 @@ any number of times for a decoupled model, the last response with
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -146,3 +152,21 @@ class Backend(ABC):
     def stats(self) -> dict[str, Any]:
         """Backend-specific figures for logs and metrics (optional)."""
         return {}
+
+
+# backend name -> "module:Class"; imported on first use so that a repository of
+# Python models never pays for importing torch.
+_BACKENDS = {
+    "python": "triserve.backends.python.backend:PythonBackend",
+    "llm": "triserve.backends.llm.backend:LLMBackend",
+}
+
+
+def backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend_class(name: str) -> type[Backend]:
+    """The Backend class for a config's ``backend``; ``KeyError`` if there is none."""
+    module_name, class_name = _BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
