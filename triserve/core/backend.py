@@ -149,6 +149,20 @@ class Backend(ABC):
         """Run one batch. Answer every job (``job.send``), or raise: the core then
         fails the jobs that have no final response yet with the error."""
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the backend can serve requests now (at least one instance process alive,
+        the engine thread running). The model's readiness follows it, so that a fault is
+        seen in ``/v2/health/ready`` and the model's ready endpoint; a backend that can
+        restart what died turns it back to True by itself."""
+        return True
+
+    @property
+    def failure(self) -> str | None:
+        """Why the backend gave up serving (a model that keeps crashing), shown as the
+        reason in the repository index; None while it serves or still tries to recover."""
+        return None
+
     def stats(self) -> dict[str, Any]:
         """Backend-specific figures for logs and metrics (optional)."""
         return {}
