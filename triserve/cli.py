@@ -46,6 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--strict-readiness", type=_boolean, default=True, metavar="true|false",
                        help="true (default, as Triton): /v2/health/ready stays false while a model "
                             "failed to load; false: ready once every model was tried")
+    serve.add_argument("--drain-timeout", type=_seconds, default=30.0, metavar="S",
+                       help="at SIGTERM/SIGINT: seconds running requests get to finish before "
+                            "they end with an error (default: 30)")
+    serve.add_argument("--initialize-timeout", type=_seconds, default=600.0, metavar="S",
+                       help="deadline of a model instance's load/initialize; 0 = none (default: 600)")
+    serve.add_argument("--finalize-timeout", type=_seconds, default=30.0, metavar="S",
+                       help="deadline of a model instance's finalize at unload; 0 = none (default: 30)")
+    serve.add_argument("--execute-timeout", type=_seconds, default=0.0, metavar="S",
+                       help="deadline of one execute call of a Python model: past it the "
+                            "request fails and the instance is restarted; 0 = none (default)")
+    serve.add_argument("--max-instance-restarts", type=int, default=5, metavar="N",
+                       help="an instance process that dies more than N times within "
+                            "--instance-restart-window marks its model failed (default: 5)")
+    serve.add_argument("--instance-restart-window", type=_seconds, default=60.0, metavar="S",
+                       help="the window of --max-instance-restarts, seconds (default: 60)")
+    serve.add_argument("--allowed-model-root", action="append", default=[], type=Path, metavar="DIR",
+                       help="a folder that config overrides of load requests may point into, "
+                            "besides the model's own folder; repeatable")
     serve.add_argument("--chatglm-model", default=None, metavar="NAME",
                        help="the model that answers ChatGLM's POST / (default: the first chat model)")
     return parser
@@ -69,7 +87,24 @@ def parse_options(argv: Sequence[str] | None = None) -> ServerOptions:
         log_verbose=args.log_verbose,
         strict_readiness=args.strict_readiness,
         chatglm_model=args.chatglm_model,
+        drain_timeout=args.drain_timeout,
+        initialize_timeout=args.initialize_timeout,
+        finalize_timeout=args.finalize_timeout,
+        execute_timeout=args.execute_timeout,
+        max_instance_restarts=args.max_instance_restarts,
+        instance_restart_window=args.instance_restart_window,
+        allowed_model_roots=tuple(root.resolve() for root in args.allowed_model_root),
     )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value:g}")
+    return value
 
 
 def _boolean(text: str) -> bool:

@@ -1,9 +1,14 @@
 """One triserve process: the core, HTTP (uvicorn), gRPC (grpc.aio) and /metrics in one event loop.
 
 The endpoints listen before any model loads, so clients can watch
-``/v2/health/ready`` (false until the startup models were loaded). SIGTERM and
-SIGINT stop the frontends (letting running requests finish for a few
-seconds), then unload every model, which ends the models' processes.
+``/v2/health/ready`` (false until the startup models were loaded).
+
+SIGTERM and SIGINT stop gracefully: readiness turns false and new requests are
+refused with UNAVAILABLE at once; running requests get ``--drain-timeout``
+seconds to finish, then the rest end with an UNAVAILABLE error (a stream gets
+it as its final event or status, not a cut connection); the frontends then
+close, every model is unloaded (finalize, ending the models' processes) and the
+process exits 0. A second signal skips what is left of the drain.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Iterator
 import uvicorn
 
 import triserve
+from triserve.core.backend import Lifecycle
 from triserve.core.server import InferenceServer
 from triserve.frontends.grpc.service import create_grpc_server
 from triserve.frontends.http.app import create_app
@@ -27,7 +33,8 @@ from triserve.options import ServerOptions
 
 logger = logging.getLogger("triserve")
 
-# Seconds the frontends give running requests to finish at shutdown.
+# Seconds the frontends get, after the core's drain, to send the final responses
+# (already produced) before connections close.
 GRACEFUL_SHUTDOWN_S = 5
 
 
@@ -82,8 +89,13 @@ def _freeze_startup_objects(_: asyncio.Task) -> None:
 
 async def serve(options: ServerOptions) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully."""
+    lifecycle = Lifecycle(
+        initialize_timeout=options.initialize_timeout, finalize_timeout=options.finalize_timeout,
+        execute_timeout=options.execute_timeout, max_instance_restarts=options.max_instance_restarts,
+        instance_restart_window=options.instance_restart_window)
     core = InferenceServer(options.model_repository, options.model_control_mode, options.load_models,
-                           strict_readiness=options.strict_readiness)
+                           drain_timeout=options.drain_timeout, strict_readiness=options.strict_readiness,
+                           lifecycle=lifecycle, allowed_roots=options.allowed_model_roots)
     http = _uvicorn(create_app(core, options), options, options.http_port, options.log_verbose > 0)
     metrics = _uvicorn(create_metrics_app(), options, options.metrics_port, False)
     http_listener = _listen(options.host, options.http_port, "HTTP")
@@ -95,9 +107,16 @@ async def serve(options: ServerOptions) -> None:
         raise StartupError(f"cannot listen for gRPC on {grpc_address}: {exc}") from None
 
     stop = asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: end the drain now
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
 
     await grpc_server.start()
     http_task = await _start_uvicorn(http, http_listener)
@@ -116,10 +135,22 @@ async def serve(options: ServerOptions) -> None:
     loading.add_done_callback(_freeze_startup_objects)
     loading.add_done_callback(stop_if_loading_failed)
     await stop.wait()
-    logger.info("stopping: finishing running requests, then unloading models")
     core.begin_shutdown()
     if not loading.done():
         loading.cancel()
+    active = core.active_requests
+    logger.info("stopping: refusing new requests; %d running request(s) get up to %g s to finish",
+                active, options.drain_timeout)
+    if active:
+        drain = asyncio.create_task(core.drain(options.drain_timeout))
+        hurried = asyncio.create_task(hurry.wait())
+        await asyncio.wait({drain, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():
+            logger.warning("second signal: ending the running requests now")
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
+            await core.drain(0)
+        hurried.cancel()
     http.should_exit = metrics.should_exit = True
     await asyncio.gather(http_task, metrics_task, grpc_server.stop(GRACEFUL_SHUTDOWN_S),
                          return_exceptions=True)

@@ -20,7 +20,7 @@ import importlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, ClassVar, Protocol
 
@@ -36,6 +36,41 @@ class CoreClient(Protocol):
     def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]: ...
 
 
+@dataclass(frozen=True)
+class Lifecycle:
+    """Deadlines and the restart policy the server gives every backend (CLI options).
+
+    A model's config may override each with a parameter of the same name (seconds,
+    or a count): ``initialize_timeout``, ``finalize_timeout``, ``execute_timeout``,
+    ``max_instance_restarts``, ``instance_restart_window``.
+    """
+
+    initialize_timeout: float = 600.0  # load/initialize of one instance
+    finalize_timeout: float = 30.0  # finalize of one instance at unload
+    execute_timeout: float = 0.0  # one execute call; 0 = no deadline
+    max_instance_restarts: int = 5  # more crashes than this within the window: the model fails
+    instance_restart_window: float = 60.0  # seconds
+
+    def for_model(self, config: model_config_pb2.ModelConfig) -> "Lifecycle":
+        """These settings with the model's config parameters applied (``ValueError`` if not numbers)."""
+        changes: dict[str, Any] = {}
+        for name in ("initialize_timeout", "finalize_timeout", "execute_timeout",
+                     "max_instance_restarts", "instance_restart_window"):
+            parameter = config.parameters.get(name)
+            if parameter is None or not parameter.string_value.strip():
+                continue
+            kind = int if name == "max_instance_restarts" else float
+            try:
+                value = kind(parameter.string_value)
+            except ValueError:
+                raise ValueError(f"parameter '{name}' must be a {kind.__name__}, "
+                                 f"got {parameter.string_value!r}") from None
+            if value < 0:
+                raise ValueError(f"parameter '{name}' must be >= 0, got {value}")
+            changes[name] = value
+        return replace(self, **changes) if changes else self
+
+
 @dataclass
 class ModelContext:
     """Everything a backend needs to know about the model version it runs."""
@@ -47,6 +82,7 @@ class ModelContext:
     repository: Path
     core: CoreClient
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("triserve.model"))
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
     @property
     def version_dir(self) -> Path:

@@ -91,13 +91,14 @@ def parse_config_json(text: str, source: str = "config override") -> ModelConfig
 def read_config(model_dir: Path) -> ModelConfig:
     """Read ``<model_dir>/config.pbtxt``, fill in the name, expand variables, and check it."""
     path = model_dir / CONFIG_FILENAME
+    shown = f"{model_dir.name}/{CONFIG_FILENAME}"  # errors reach clients: no server paths in them
     if not path.is_file():
         raise ConfigError(
-            f"{path} not found: every model folder needs a {CONFIG_FILENAME} "
+            f"{shown} not found: every model folder needs a {CONFIG_FILENAME} "
             "(at least its backend, inputs and outputs)"
         )
-    config = parse_config(path.read_text(encoding="utf-8"), str(path))
-    return finish_config(config, model_dir, str(path))
+    config = parse_config(path.read_text(encoding="utf-8"), shown)
+    return finish_config(config, model_dir, shown)
 
 
 def finish_config(config: ModelConfig, model_dir: Path, source: str) -> ModelConfig:

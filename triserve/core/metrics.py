@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
@@ -101,3 +101,13 @@ def track_model(statistics: ModelStatistics) -> None:
 def untrack_model(statistics: ModelStatistics) -> None:
     """Stop reporting an unloaded model version."""
     _MODEL_METRICS.untrack(statistics)
+
+
+_INSTANCE_RESTARTS = Counter(
+    "triserve_instance_restarts", "Restarts of model instance processes that died "
+    "(crash, kill, execute deadline)", ["model", "version"], registry=_REGISTRY)
+
+
+def count_instance_restart(model: str, version: int) -> None:
+    """One restart of a dead instance process of ``model`` ``version``."""
+    _INSTANCE_RESTARTS.labels(model=model, version=str(version)).inc()

@@ -17,11 +17,12 @@ from typing import Any, Callable
 
 from tritonclient.grpc import model_config_pb2
 
-from triserve.core.backend import (Backend, CoreClient, Job, ModelContext, backend_names,
-                                   get_backend_class)
+from triserve.core.backend import (Backend, CoreClient, Job, Lifecycle, ModelContext,
+                                   backend_names, get_backend_class)
 from triserve.core import config as model_config
 from triserve.core import datatypes, metrics
 from triserve.core.errors import ErrorCode, InferError
+from triserve.core.reshape import Reshape
 from triserve.core.scheduler import Scheduler
 from triserve.core.statistics import ModelStatistics
 from triserve.core.types import InferRequest, InferResponse
@@ -55,51 +56,80 @@ class ModelVersion:
 
     def __init__(self, version: int, config: model_config_pb2.ModelConfig,
                  backend_class: type[Backend], model_dir: Path, repository: Path,
-                 core: CoreClient, ready_versions: Callable[[], list[int]]):
+                 core: CoreClient, ready_versions: Callable[[], list[int]],
+                 lifecycle: Lifecycle = Lifecycle()):
         self.name = config.name
         self.version = version
         self._version_text = str(version)
         self.config = config
         self.decoupled = config.model_transaction_policy.decoupled
-        self.ready = False
+        self._loaded = False
         self.statistics = ModelStatistics(self.name, version)
+        try:
+            lifecycle = lifecycle.for_model(config)
+        except ValueError as exc:
+            raise model_config.ConfigError(str(exc)) from None
         self.backend = backend_class(ModelContext(
             name=self.name, version=version, config=config, model_dir=model_dir,
             repository=repository, core=core,
-            logger=logging.getLogger(f"triserve.model.{self.name}"),
+            logger=logging.getLogger(f"triserve.model.{self.name}"), lifecycle=lifecycle,
         ))
         self._ready_versions = ready_versions
         self._validator = RequestValidator(config, backend_class.numeric_for_string_inputs)
+        self._reshape = Reshape(config)
         self._scheduler = Scheduler(self.backend, config, self.statistics)
         self._active: set[Job] = set()
         self._idle = asyncio.Event()
 
+    @property
+    def ready(self) -> bool:
+        """Loaded, not unloading, and the backend can serve (an instance process is alive)."""
+        return self._loaded and self.backend.healthy
+
+    def not_ready_reason(self) -> str:
+        """Why :attr:`ready` is false, for the repository index and the error of a refused request."""
+        if not self._loaded:
+            return "unloading"
+        failure = self.backend.failure
+        if failure:
+            return failure
+        return "no instance is running; it is being restarted"
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._active)
+
     async def load(self) -> None:
         started = time.monotonic()
         await self.backend.load()
-        self.ready = True
+        self._loaded = True
         metrics.track_model(self.statistics)
         logger.info("loaded model '%s' version %d in %.1f s", self.name, self.version,
                     time.monotonic() - started)
 
     async def unload(self, drain_timeout: float) -> None:
         """Stop taking requests, let active ones finish for up to ``drain_timeout`` s, then unload."""
-        self.ready = False
-        if self._active:
-            self._idle.clear()
-            try:
-                await asyncio.wait_for(self._idle.wait(), drain_timeout)
-            except asyncio.TimeoutError:
-                logger.warning("model '%s' version %d: %d request(s) still running after %.0f s; "
-                               "ending them", self.name, self.version, len(self._active), drain_timeout)
-        gone = InferError.unavailable(f"model '{self.name}' version {self.version} was unloaded")
-        self._scheduler.fail_queued(gone)
-        for job in list(self._active):
-            job.cancel()
-            job.fail(gone)
+        self._loaded = False
+        await self.drain(drain_timeout, InferError.unavailable(
+            f"model '{self.name}' version {self.version} was unloaded"))
         metrics.untrack_model(self.statistics)
         await self.backend.unload()
         logger.info("unloaded model '%s' version %d", self.name, self.version)
+
+    async def drain(self, timeout: float, error: InferError) -> None:
+        """Wait up to ``timeout`` s for the active requests to finish, then end the rest with ``error``
+        (cancelled in the backend; a stream gets ``error`` as its final response)."""
+        if self._active:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                logger.warning("model '%s' version %d: %d request(s) still running after %g s; "
+                               "ending them", self.name, self.version, len(self._active), timeout)
+        self._scheduler.fail_queued(error)
+        for job in list(self._active):
+            job.cancel()
+            job.fail(error)
 
     def submit(self, request: InferRequest, sink: ResponseSink) -> Job:
         """Validate and queue a request; responses go to ``sink``, the last with ``final=True``.
@@ -107,9 +137,9 @@ class ModelVersion:
         Raises ``InferError`` if the request does not fit the model or the
         model is unloading.
         """
-        if not self.ready:
+        if not self._loaded or not self.backend.healthy:
             raise InferError.unavailable(
-                f"model '{self.name}' version {self.version} is not ready (it is being unloaded)"
+                f"model '{self.name}' version {self.version} is not ready: {self.not_ready_reason()}"
             )
         received = time.monotonic_ns()
         try:
@@ -119,6 +149,13 @@ class ModelVersion:
             raise
         # "" (latest) resolved here, so responses name the version that ran
         request.model_version = self._version_text
+        reshape = self._reshape
+        if reshape.inputs:
+            try:
+                reshape.reshape_inputs(request)
+            except InferError:
+                self.statistics.record_failure("OTHER", time.monotonic_ns() - received)
+                raise
         statistics = self.statistics
         active = self._active
         wanted = {output.name for output in request.outputs}
@@ -127,6 +164,11 @@ class ModelVersion:
             if wanted and response.outputs:
                 # Triton returns only the outputs a request names, whatever the backend produced
                 response.outputs = [tensor for tensor in response.outputs if tensor.name in wanted]
+            if reshape.outputs and response.outputs:
+                try:
+                    reshape.reshape_outputs(response)
+                except InferError as error:
+                    response.outputs, response.error = [], error
             if response.final:
                 duration = time.monotonic_ns() - job.enqueue_ns
                 if response.error is None:
@@ -140,8 +182,8 @@ class ModelVersion:
             sink(response)
 
         job = Job(request, deliver, asyncio.get_running_loop())
+        self._scheduler.submit(job, batch_size)  # raises UNAVAILABLE if the queue is full
         active.add(job)
-        self._scheduler.submit(job, batch_size)
         return job
 
     def metadata(self) -> dict[str, Any]:

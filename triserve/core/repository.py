@@ -24,8 +24,9 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2
 
-from triserve.core.backend import CoreClient
+from triserve.core.backend import CoreClient, Lifecycle
 from triserve.core import config as model_config
+from triserve.core.overrides import check_override
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.model import ModelVersion, backend_class_for
 
@@ -87,14 +88,39 @@ class _ModelRecord:
     versions: dict[int, ModelVersion] = field(default_factory=dict)  # ready versions
     failed: dict[int, str] = field(default_factory=dict)  # version -> why it did not load
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    unloaded: bool = False  # explicitly unloaded: exempt from strict readiness, as in Triton
 
 
 class ModelRepository:
-    def __init__(self, root: Path, core: CoreClient, drain_timeout: float = 10.0):
+    def __init__(self, root: Path, core: CoreClient, drain_timeout: float = 10.0,
+                 lifecycle: Lifecycle = Lifecycle(), allowed_roots: tuple[Path, ...] = ()):
         self.root = root
         self._core = core
         self._drain_timeout = drain_timeout
+        self._lifecycle = lifecycle
+        self._allowed_roots = allowed_roots
         self._models: dict[str, _ModelRecord] = {}
+
+    def all_ready(self) -> bool:
+        """Triton's strict readiness: every model that was asked to load (and not unloaded since)
+        serves; a model explicitly unloaded does not count."""
+        for record in self._models.values():
+            if record.state is None or record.unloaded:
+                continue
+            if record.failed or not record.versions:
+                if record.state is not ModelState.LOADING:
+                    return False
+                continue
+            if not all(model.ready for model in record.versions.values()):
+                return False
+        return True
+
+    def ready_models(self) -> list[ModelVersion]:
+        return [model for record in self._models.values() for model in record.versions.values()]
+
+    def loaded_models(self) -> list[ModelVersion]:
+        """Every loaded version, ready or not (an instance restarting)."""
+        return self.ready_models()
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The ready model version a request names ("" = latest); NOT_FOUND / UNAVAILABLE otherwise."""
@@ -120,17 +146,17 @@ class ModelRepository:
             )
         return model
 
-    def ready_models(self) -> list[ModelVersion]:
-        return [model for record in self._models.values() for model in record.versions.values()]
-
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Triton's repository index: one row per version (or per model, if none is known)."""
         names = sorted(set(model_folders(self.root)) | set(self._models))
         rows = []
         for name in names:
             record = self._models.get(name, _ModelRecord())
-            # a READY version's reason is why the last reload failed, if it did
-            versions = {v: ("READY", record.reason) for v in record.versions}
+            # a READY version's reason is why the last reload failed, if it did; a loaded
+            # version that cannot serve now (instance restarting, crashed too often) says why
+            versions = {v: ("READY", record.reason) if model.ready
+                        else ("UNAVAILABLE", model.not_ready_reason())
+                        for v, model in record.versions.items()}
             versions.update({v: ("UNAVAILABLE", why) for v, why in record.failed.items()})
             if versions:
                 rows.extend({"name": name, "version": str(v), "state": state, "reason": why}
@@ -147,7 +173,7 @@ class ModelRepository:
         after, so a failed reload leaves the model serving as before.
         """
         if name not in model_folders(self.root):  # also refuses "../x", "/tmp/x", "a/b"
-            message = f"failed to load '{name}': no model folder '{name}' in {self.root}"
+            message = f"failed to load '{name}': no model folder '{name}' in the model repository"
             logger.error("%s", message)
             raise InferError.not_found(message)
         model_dir = self.root / name
@@ -181,7 +207,7 @@ class ModelRepository:
                 model = None
                 try:
                     model = ModelVersion(version, config, backend_class, model_dir, self.root,
-                                         self._core, ready_versions)
+                                         self._core, ready_versions, self._lifecycle)
                     await model.load()
                 except BaseException as exc:
                     if model is not None:
@@ -203,7 +229,7 @@ class ModelRepository:
                     record.state, record.reason, record.failed = ModelState.UNAVAILABLE, reason, failed
                 raise InferError.unavailable(f"failed to load '{name}': {reason}")
             record.versions, record.failed = loaded, failed
-            record.state, record.reason = ModelState.READY, ""
+            record.state, record.reason, record.unloaded = ModelState.READY, "", False
             for model in previous.values():
                 await model.unload(self._drain_timeout)
 
@@ -216,7 +242,7 @@ class ModelRepository:
             versions, record.versions, record.failed = record.versions, {}, {}
             record.state = ModelState.UNLOADING
             await asyncio.gather(*(model.unload(self._drain_timeout) for model in versions.values()))
-            record.state, record.reason = ModelState.UNAVAILABLE, "unloaded"
+            record.state, record.reason, record.unloaded = ModelState.UNAVAILABLE, "unloaded", True
 
     async def unload_all(self) -> None:
         loaded = [name for name, record in self._models.items() if record.versions]
@@ -228,11 +254,13 @@ class ModelRepository:
         if config_json is None:
             config = model_config.read_config(model_dir)
         else:
-            config = model_config.parse_config_json(config_json, f"config override for '{model_dir.name}'")
-            config = model_config.finish_config(config, model_dir, f"config override for '{model_dir.name}'")
+            source = f"config override for '{model_dir.name}'"
+            config = model_config.parse_config_json(config_json, source)
+            config = model_config.finish_config(config, model_dir, source)
+            check_override(config, model_dir, self._allowed_roots, source)
         backend_class = backend_class_for(config)
         config = backend_class.auto_complete_config(config, model_dir)
-        model_config.validate_config(config, str(model_dir / model_config.CONFIG_FILENAME))
+        model_config.validate_config(config, f"{model_dir.name}/{model_config.CONFIG_FILENAME}")
         return config, backend_class
 
 

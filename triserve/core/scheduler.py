@@ -11,6 +11,17 @@ at once; the rest wait here.
 Dispatch runs only when something changes (a job arrives, a batch ends, the
 delay timer fires), so an idle model costs nothing and a request costs one
 deque append plus, per batch, one task.
+
+Queue policy, as Triton's ``dynamic_batching { default_queue_policy { ... } }``:
+``max_queue_size`` (0 = unbounded) refuses a request that finds that many
+queued (not yet executing) with UNAVAILABLE "Exceeds maximum queue size";
+``default_timeout_microseconds`` bounds a request's time in the queue, and
+``allow_timeout_override`` lets a request's own ``timeout`` parameter
+(microseconds, Triton's) shorten it. On expiry ``timeout_action`` REJECT ends the
+request with UNAVAILABLE "Request timeout expired"; DELAY moves it behind the
+requests that have not expired. A model without ``dynamic_batching`` has no
+queue policy; there a request's ``timeout`` parameter bounds its queue time
+(REJECT).
 """
 
 from __future__ import annotations
@@ -26,38 +37,111 @@ from triserve.core.errors import ErrorCode, InferError
 from triserve.core.statistics import ModelStatistics
 
 
+QUEUE_FULL = "Exceeds maximum queue size"  # Triton's text, UNAVAILABLE
+TIMEOUT_EXPIRED = "Request timeout expired"  # Triton's text, UNAVAILABLE
+TIMEOUT_PARAMETER = "timeout"  # a request's own timeout, microseconds (Triton's)
+
+_Entry = tuple[Job, int, int]  # job, batch size, queue deadline (monotonic ns; 0 = none)
+
+
 class Scheduler:
     def __init__(self, backend: Backend, config: model_config_pb2.ModelConfig,
                  statistics: ModelStatistics):
         self._backend = backend
         self._name = config.name
         self._statistics = statistics
-        self._queue: deque[tuple[Job, int]] = deque()
+        self._queue: deque[_Entry] = deque()
+        self._delayed: deque[_Entry] = deque()  # expired under timeout_action DELAY
         self._queued_size = 0  # sum of the queued jobs' batch sizes
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_ns = 0  # when the armed sweep fires
         batching = config.HasField("dynamic_batching") and config.max_batch_size > 0
         self._max_batch_size = config.max_batch_size if batching else 1
         preferred = config.dynamic_batching.preferred_batch_size if batching else ()
         self._target_size = max(preferred, default=self._max_batch_size)
         self._delay_ns = config.dynamic_batching.max_queue_delay_microseconds * 1000 if batching else 0
+        policy = config.dynamic_batching.default_queue_policy
+        self._has_policy = config.HasField("dynamic_batching")
+        self._max_queue_size = policy.max_queue_size if self._has_policy else 0
+        self._default_timeout_ns = policy.default_timeout_microseconds * 1000 if self._has_policy else 0
+        self._allow_override = policy.allow_timeout_override if self._has_policy else True
+        self._delay_expired = self._has_policy and policy.timeout_action == model_config_pb2.ModelQueuePolicy.DELAY
 
     def submit(self, job: Job, batch_size: int) -> None:
-        """Queue a validated job; it runs as soon as a batch slot allows."""
-        self._queue.append((job, batch_size))
+        """Queue a validated job; it runs as soon as a batch slot allows.
+
+        Raises UNAVAILABLE ("Exceeds maximum queue size") when the queue is full.
+        """
+        if self._max_queue_size and len(self._queue) + len(self._delayed) >= self._max_queue_size:
+            self._statistics.record_failure("REJECTED", 0)
+            raise InferError.unavailable(
+                f"{QUEUE_FULL}: model '{self._name}' has {self._max_queue_size} request(s) queued "
+                "(dynamic_batching default_queue_policy max_queue_size)")
+        timeout_ns = self._timeout_ns(job)
+        deadline = job.enqueue_ns + timeout_ns if timeout_ns else 0
+        self._queue.append((job, batch_size, deadline))
         self._queued_size += batch_size
         self._statistics.pending += 1
         self._dispatch()
+        if deadline and self._queue and (not self._sweep_ns or deadline < self._sweep_ns):
+            self._arm_sweep(deadline)
+
+    def _timeout_ns(self, job: Job) -> int:
+        """The job's queue timeout: the policy's default, or the request's own if allowed."""
+        timeout_ns = self._default_timeout_ns
+        if self._allow_override:
+            requested = job.request.parameters.get(TIMEOUT_PARAMETER)
+            if requested:
+                try:
+                    requested_ns = int(requested) * 1000
+                except (TypeError, ValueError):
+                    requested_ns = 0
+                if requested_ns > 0 and (not timeout_ns or requested_ns < timeout_ns):
+                    timeout_ns = requested_ns
+        return timeout_ns
 
     def fail_queued(self, error: InferError) -> None:
         """End every job still waiting in the queue (the model is going away)."""
-        while self._queue:
+        while self._queue or self._delayed:
             self._pop().fail(error)
+
+    def _arm_sweep(self, deadline_ns: int) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_ns = deadline_ns
+        delay = max(deadline_ns - time.monotonic_ns(), 0) / 1e9
+        self._sweep = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        """End (REJECT) or move back (DELAY) the queued jobs whose queue timeout passed."""
+        self._sweep, self._sweep_ns = None, 0
+        now = time.monotonic_ns()
+        kept: deque[_Entry] = deque()
+        next_deadline = 0
+        for entry in self._queue:
+            deadline = entry[2]
+            if deadline and deadline <= now:
+                if self._delay_expired:
+                    self._delayed.append((entry[0], entry[1], 0))
+                else:
+                    self._queued_size -= entry[1]
+                    self._statistics.pending -= 1
+                    entry[0].fail(InferError.unavailable(TIMEOUT_EXPIRED))
+                continue
+            if deadline and (not next_deadline or deadline < next_deadline):
+                next_deadline = deadline
+            kept.append(entry)
+        self._queue = kept
+        if next_deadline:
+            self._arm_sweep(next_deadline)
+        self._dispatch()
 
     def _dispatch(self) -> None:
         capacity = self._backend.capacity
-        while self._queue and self._in_flight < capacity:
+        while (self._queue or self._delayed) and self._in_flight < capacity:
             if not self._batch_ready():
                 self._arm_timer()
                 return
@@ -70,7 +154,7 @@ class Scheduler:
             task.add_done_callback(self._tasks.discard)
 
     def _batch_ready(self) -> bool:
-        if self._delay_ns == 0 or self._queued_size >= self._target_size:
+        if self._delay_ns == 0 or self._queued_size >= self._target_size or not self._queue:
             return True
         return time.monotonic_ns() - self._queue[0][0].enqueue_ns >= self._delay_ns
 
@@ -86,13 +170,16 @@ class Scheduler:
         self._dispatch()
 
     def _take_batch(self) -> list[tuple[Job, int]]:
-        """Pop up to max_batch_size worth of jobs; cancelled ones are ended, not run."""
+        """Pop up to max_batch_size worth of jobs; cancelled and expired ones are ended, not run."""
         batch: list[tuple[Job, int]] = []
         total = 0
-        while self._queue:
-            job, size = self._queue[0]
+        while self._queue or self._delayed:
+            job, size, deadline = self._queue[0] if self._queue else self._delayed[0]
             if job.cancelled:
                 self._pop().fail(InferError(ErrorCode.CANCELLED, "request was cancelled while queued"))
+                continue
+            if deadline and deadline <= time.monotonic_ns() and not self._delay_expired:
+                self._pop().fail(InferError.unavailable(TIMEOUT_EXPIRED))
                 continue
             if batch and total + size > self._max_batch_size:
                 break
@@ -102,7 +189,7 @@ class Scheduler:
         return batch
 
     def _pop(self) -> Job:
-        job, size = self._queue.popleft()
+        job, size, _ = self._queue.popleft() if self._queue else self._delayed.popleft()
         self._queued_size -= size
         self._statistics.pending -= 1
         return job

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterable
 
 import triserve
+from triserve.core.backend import Lifecycle
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.model import ModelVersion
 from triserve.core.repository import ModelControlMode, ModelRepository, model_folders
@@ -31,14 +32,28 @@ EXTENSIONS = [
 ]
 
 
+class _InternalClient:
+    """The core as backends see it (BLS): requests of requests already running are still
+    taken while the server drains at shutdown."""
+
+    def __init__(self, server: "InferenceServer"):
+        self._server = server
+
+    def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        return self._server._stream(request)
+
+
 class InferenceServer:
     def __init__(self, repository: Path, model_control_mode: str = "none",
-                 load_models: Iterable[str] = (), drain_timeout: float = 10.0,
-                 strict_readiness: bool = True):
+                 load_models: Iterable[str] = (), drain_timeout: float = 30.0,
+                 strict_readiness: bool = True, lifecycle: Lifecycle = Lifecycle(),
+                 allowed_roots: Iterable[Path] = ()):
         self.repository = Path(repository)
         self.model_control_mode = ModelControlMode(model_control_mode)
         self._startup_models = list(load_models)
-        self._models = ModelRepository(self.repository, self, drain_timeout)
+        self.drain_timeout = drain_timeout
+        self._models = ModelRepository(self.repository, _InternalClient(self), drain_timeout,
+                                       lifecycle, tuple(Path(root) for root in allowed_roots))
         self._strict_readiness = strict_readiness
         self._started = False
         self._stopping = False
@@ -50,11 +65,11 @@ class InferenceServer:
     @property
     def ready(self) -> bool:
         """Triton's readiness: every model loaded at start was tried and, with strict readiness
-        (the default), none of them is UNAVAILABLE. A failed model never blocks the others."""
+        (the default), every model asked to load serves (a model explicitly unloaded does not
+        count; one whose instances are all restarting does). A failed model never blocks the others."""
         if not self._started or self._stopping:
             return False
-        return not self._strict_readiness or all(
-            row["state"] != "UNAVAILABLE" for row in self._models.index())
+        return not self._strict_readiness or self._models.all_ready()
 
     def metadata(self) -> dict[str, Any]:
         return {"name": "triserve", "version": triserve.__version__, "extensions": EXTENSIONS}
@@ -77,9 +92,22 @@ class InferenceServer:
         self._started = True
 
     def begin_shutdown(self) -> None:
-        """Turn liveness and readiness false, so clients and load balancers stop sending
-        requests here while the frontends let running ones finish."""
+        """Turn readiness false and refuse new requests (UNAVAILABLE), so clients and load
+        balancers go elsewhere while running requests finish (:meth:`drain`)."""
         self._stopping = True
+
+    @property
+    def active_requests(self) -> int:
+        return sum(model.active_requests for model in self._models.loaded_models())
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Let running requests finish for up to ``timeout`` s (``drain_timeout``), then end the
+        rest with UNAVAILABLE: a stream gets that error as its final response, not a cut."""
+        timeout = self.drain_timeout if timeout is None else timeout
+        error = InferError.unavailable(
+            f"the server is shutting down: the request did not finish within the drain timeout "
+            f"of {timeout:g} s")
+        await asyncio.gather(*(model.drain(timeout, error) for model in self._models.loaded_models()))
 
     async def stop(self) -> None:
         """Stop accepting requests, let running ones finish briefly, unload every model."""
@@ -103,8 +131,13 @@ class InferenceServer:
         self._require_explicit_mode("unload")
         await self._models.unload(name)
 
+    def _accepting(self) -> None:
+        if self._stopping:
+            raise InferError.unavailable("the server is shutting down and takes no new requests")
+
     async def infer(self, request: InferRequest) -> InferResponse:
         """One request, one response; raises ``InferError`` (also for an error response)."""
+        self._accepting()
         model = self.get_model(request.model_name, request.model_version)
         if model.decoupled and not model.backend.unary_when_decoupled:
             raise InferError(
@@ -136,12 +169,17 @@ class InferenceServer:
             raise response.error
         return response
 
-    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+    def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         """Every response of a request, until the final one; errors arrive as ``response.error``.
 
         An invalid request raises ``InferError`` before the first response.
         Closing the iterator early cancels the request in the backend.
         """
+        return self._stream(request, accepting=True)
+
+    async def _stream(self, request: InferRequest, accepting: bool = False) -> AsyncIterator[InferResponse]:
+        if accepting:
+            self._accepting()
         model = self.get_model(request.model_name, request.model_version)
         responses: asyncio.Queue[InferResponse] = asyncio.Queue()
         job = model.submit(request, responses.put_nowait)

@@ -27,6 +27,10 @@ from triserve.core.errors import InferError
 PARAMETER = "EXECUTION_ENV_PATH"
 _READY_MARKER = ".triserve-unpacked"
 _PROBE = "import sys, numpy; print('%d.%d' % sys.version_info[:2])"
+# Deadlines of the env's helper processes: the probe starts Python and imports numpy;
+# conda-unpack rewrites prefixes in every file of a multi-GB env.
+PROBE_TIMEOUT_S = 60.0
+CONDA_UNPACK_TIMEOUT_S = 900.0
 
 
 def prepare_python(env_path: str) -> Path:
@@ -77,8 +81,14 @@ def run_conda_unpack(env_dir: Path, archive: Path) -> None:
     conda_unpack = env_dir / "bin" / "conda-unpack"
     if not conda_unpack.exists():
         return
-    result = subprocess.run([str(env_dir / "bin" / "python"), str(conda_unpack)],
-                            capture_output=True, text=True)
+    try:
+        result = subprocess.run([str(env_dir / "bin" / "python"), str(conda_unpack)],
+                                capture_output=True, text=True, timeout=CONDA_UNPACK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(env_dir, ignore_errors=True)
+        raise InferError.unavailable(
+            f"{PARAMETER} '{archive}': conda-unpack did not finish within {CONDA_UNPACK_TIMEOUT_S:g} s"
+        ) from None
     if result.returncode != 0:
         shutil.rmtree(env_dir, ignore_errors=True)
         raise InferError.unavailable(
@@ -97,8 +107,14 @@ def find_python(env_dir: Path, env_path: str) -> Path:
 
 def check_python(python: Path, env_path: str) -> None:
     """Run the env's Python once: it must start, import numpy, and match our version."""
-    result = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True,
-                            env=foreign_env(os.environ))
+    try:
+        result = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True,
+                                env=foreign_env(os.environ), timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise InferError.unavailable(
+            f"{PARAMETER} '{env_path}': its Python did not start and import numpy within "
+            f"{PROBE_TIMEOUT_S:g} s"
+        ) from None
     if result.returncode != 0:
         problem = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
         raise InferError.unavailable(
