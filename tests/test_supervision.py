@@ -1,0 +1,288 @@
+"""Faults and overload against a real server: instance processes that die, execute and
+initialize deadlines, the queue policy, request timeouts, reshape.
+
+The models are in ``tests/hardening_models``; ``crashy`` answers with its pid and dies
+on request, and logs every ``initialize`` to ``$TRISERVE_TEST_STATE/<model>.init``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from serverproc import ServerProcess
+
+TESTS = Path(__file__).parent
+HARDENING_MODELS = TESTS / "hardening_models"
+
+
+def build_repository(root: Path, names: list[str]) -> Path:
+    repository = root / "repository"
+    for name in names:
+        source = HARDENING_MODELS / name
+        if not source.is_dir():
+            source = TESTS / "model_repository" / name
+        shutil.copytree(source, repository / name)
+    return repository
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, state_dir):
+    root = tmp_path_factory.mktemp("supervision")
+    repository = build_repository(root, ["crashy", "hang", "reshape", "slow", "queue_timeout"])
+    with ServerProcess(repository, env={"TRISERVE_TEST_STATE": str(state_dir)}) as process:
+        yield process
+
+
+def action(name: str, text: str) -> httpclient.InferInput:
+    tensor = httpclient.InferInput("ACTION", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
+    return tensor
+
+
+def grpc_action(text: str) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("ACTION", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
+    return tensor
+
+
+def pid_of(server, model: str = "crashy") -> int:
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        return int(client.infer(model, [action(model, "pid")]).as_numpy("PID")[0])
+
+
+def post_infer(server, model: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+    """A KServe infer over plain HTTP (tritonclient's HTTP client is not for threads)."""
+    request = urllib.request.Request(f"{server.base_url}/v2/models/{model}/infer",
+                                     json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def watch_readiness(server, model: str, timeout: float = 60.0) -> tuple[bool, bool]:
+    """Poll until the model is ready again; (model was seen not ready, server was seen not ready)."""
+    model_down = server_down = False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        model_ready = http_status(f"{server.base_url}/v2/models/{model}/ready") == 200
+        server_ready = http_status(f"{server.base_url}/v2/health/ready") == 200
+        model_down |= not model_ready
+        server_down |= not server_ready
+        if model_down and model_ready and server_ready:
+            return model_down, server_down
+        time.sleep(0.02)
+    raise AssertionError(f"model '{model}' did not come back within {timeout} s")
+
+
+def restarts(server, model: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    prefix = f'triserve_instance_restarts_total{{model="{model}",version="1"}} '
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def init_count(state_dir: Path, model: str) -> int:
+    path = state_dir / f"{model}.init"
+    return len(path.read_text().split()) if path.exists() else 0
+
+
+# --- supervision ----------------------------------------------------------------------------
+
+
+def test_killed_idle_instance_is_restarted_and_readiness_follows(server, state_dir):
+    pid = pid_of(server)
+    inits, restarted = init_count(state_dir, "crashy"), restarts(server, "crashy")
+    os.kill(pid, signal.SIGKILL)
+    model_down, server_down = watch_readiness(server, "crashy")
+    assert model_down and server_down  # strict readiness: no live instance, server not ready
+    new_pid = pid_of(server)
+    assert new_pid != pid
+    assert init_count(state_dir, "crashy") == inits + 1  # initialize ran again
+    assert restarts(server, "crashy") == restarted + 1
+    assert f"instance 'crashy_0' process exited (exit code -9); restarting it" in server.log()
+
+
+def test_killed_mid_request_fails_that_request_with_unavailable(server, state_dir):
+    pid = pid_of(server)
+    body = {"inputs": [{"name": "ACTION", "shape": [1], "datatype": "BYTES", "data": ["sleep:30"]}]}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post_infer, server, "crashy", body)
+        time.sleep(1.0)  # the request is executing in the instance now
+        os.kill(pid, signal.SIGKILL)
+        status, document = pending.result(timeout=30)
+    assert status == 503
+    assert "model 'crashy' instance 'crashy_0' process exited (exit code -9)" in document["error"]
+    watch_readiness(server, "crashy")
+    assert pid_of(server) != pid
+
+
+def test_os_exit_inside_execute_over_grpc(server):
+    pid = pid_of(server)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("crashy", [grpc_action("exit:7")])
+        assert error.value.status() == "StatusCode.UNAVAILABLE"
+        assert "instance 'crashy_0' process exited (exit code 7)" in error.value.message()
+        # no live instance until it is back: refused at once, not queued for ever
+        watch_readiness(server, "crashy")
+        result = client.infer("crashy", [grpc_action("pid")])
+    assert int(result.as_numpy("PID")[0]) != pid
+
+
+def test_execute_past_its_deadline_fails_and_the_instance_is_recycled(server, state_dir):
+    pid = pid_of(server, "hang")
+    with httpclient.InferenceServerClient(server.http_url, network_timeout=60) as client:
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("hang", [action("hang", "sleep:30")])
+    assert error.value.status() == "503"
+    assert "instance 'hang_0' execute did not return within 1 s" in error.value.message()
+    watch_readiness(server, "hang")
+    assert pid_of(server, "hang") != pid
+    assert init_count(state_dir, "hang") == 2
+
+
+# --- queue policy, request timeouts ----------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.slow
+def test_hundreds_of_clients_on_a_bounded_queue_are_all_answered(server):
+    """400 concurrent clients, 1 slow instance, max_queue_size 16: every request is served or
+    refused with 503 "Exceeds maximum queue size"; health checks keep answering."""
+    clients = 400
+    data = np.ones([1, 4], dtype=np.float32)
+    rss_before = rss_kib(server.proc.pid)
+    health_latencies: list[float] = []
+    stop = threading.Event()
+
+    def health() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            assert http_status(f"{server.base_url}/v2/health/live") == 200
+            health_latencies.append(time.monotonic() - started)
+            time.sleep(0.05)
+
+    def one(index: int) -> str:
+        if index % 2:
+            status, document = post_infer(server, "slow", {"inputs": [
+                {"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": data.ravel().tolist()}]})
+            return "served" if status == 200 else f"{status} {document['error']}"
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            tensor = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+            tensor.set_data_from_numpy(data)
+            try:
+                client.infer("slow", [tensor], client_timeout=120)
+                return "served"
+            except InferenceServerException as error:
+                return f"{error.status()} {error.message()}"
+
+    watcher = threading.Thread(target=health)
+    watcher.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            outcomes = list(pool.map(one, range(clients)))
+    finally:
+        stop.set()
+        watcher.join()
+    served = outcomes.count("served")
+    refused = [o for o in outcomes if o != "served"]
+    assert served + len(refused) == clients
+    assert served >= 17  # at least the instance's work plus a full queue
+    assert refused, "400 clients against a queue of 16 must see refusals"
+    for outcome in refused:
+        assert outcome.split(" ", 1)[0] in ("503", "StatusCode.UNAVAILABLE"), outcome
+        assert "Exceeds maximum queue size" in outcome, outcome
+    rss_after = rss_kib(server.proc.pid)
+    print(f"\n{clients} clients: {served} served, {len(refused)} refused; server RSS "
+          f"{rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB; health: {len(health_latencies)} "
+          f"checks, max {max(health_latencies) * 1000:.0f} ms, "
+          f"median {sorted(health_latencies)[len(health_latencies) // 2] * 1000:.0f} ms")
+    assert rss_after - rss_before < 300 * 1024  # bounded: refused requests leave nothing behind
+    assert http_status(f"{server.base_url}/v2/health/ready") == 200
+
+
+def test_queue_timeout_rejects_with_tritons_error_and_a_request_may_shorten_it(server):
+    """queue_timeout: 2 s per execute, queued requests expire after 3 s (REJECT); a request's
+    own ``timeout`` (microseconds) shortens it."""
+    data = np.ones([1, 2], dtype=np.float32)
+
+    def send(timeout_us: int | None) -> str:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            tensor = grpcclient.InferInput("INPUT0", [1, 2], "FP32")
+            tensor.set_data_from_numpy(data)
+            try:
+                kwargs = {"timeout": timeout_us} if timeout_us is not None else {}
+                client.infer("queue_timeout", [tensor], **kwargs)
+                return "served"
+            except InferenceServerException as error:
+                return f"{error.status()} {error.message()}"
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        first = pool.submit(send, None)  # executes at once, for 2 s
+        time.sleep(0.3)
+        short = pool.submit(send, 200_000)  # may wait 0.2 s: expires behind the first
+        default = [pool.submit(send, None) for _ in range(2)]  # the second waits 3 s: expires
+        outcomes = [first.result(), short.result(), *(f.result() for f in default)]
+    assert outcomes[0] == "served"
+    assert outcomes[1] == "StatusCode.UNAVAILABLE Request timeout expired"
+    assert "served" in outcomes[2:]
+    assert "StatusCode.UNAVAILABLE Request timeout expired" in outcomes[2:]
+
+
+# --- reshape ------------------------------------------------------------------------------
+
+
+def test_reshape_both_ways_over_http_and_grpc(server):
+    data = np.arange(8, dtype=np.int32).reshape(2, 4)
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        tensor = httpclient.InferInput("INPUT0", [2, 4], "INT32")
+        tensor.set_data_from_numpy(data)
+        result = client.infer("reshape", [tensor])
+    assert result.as_numpy("SEEN_SHAPE").tolist() == [[2, 2, 2], [2, 2, 2]]  # the model saw [2, 2]
+    assert result.as_numpy("OUTPUT0").shape == (2, 4)  # the client gets dims back
+    assert result.as_numpy("OUTPUT0").tolist() == (data * 10).tolist()
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        tensor = grpcclient.InferInput("INPUT0", [1, 4], "INT32")
+        tensor.set_data_from_numpy(data[:1])
+        result = client.infer("reshape", [tensor])
+        assert result.get_response().outputs[0].shape == [1, 4]
+        assert result.as_numpy("OUTPUT0").tolist() == [[0, 10, 20, 30]]
+        metadata = client.get_model_metadata("reshape", as_json=True)
+    assert metadata["inputs"][0]["shape"] == ["-1", "4"]
