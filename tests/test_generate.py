@@ -95,12 +95,22 @@ def test_generate_stream_errors_before_inference_are_plain_json(core_server):
     assert response.status_code == 200 or "prompt" in response.json()["error"]
 
 
-def test_client_leaving_a_stream_keeps_the_server_serving(core_server):
-    with requests.post(f"{core_server.base_url}/v2/models/stream_words/generate_stream",
-                       json={"prompt": " ".join(["word"] * 2000)}, stream=True, timeout=30) as response:
+def words_sent(core_server) -> int:
+    """How many words slow_stream's instance has streamed so far (its ``__count__`` prompt)."""
+    (event,) = events(post(core_server, "slow_stream", "generate_stream", {"prompt": "__count__"}))
+    return int(event["word"])
+
+
+def test_client_leaving_a_stream_stops_the_model_and_keeps_the_server_serving(core_server):
+    before = words_sent(core_server)
+    with requests.post(f"{core_server.base_url}/v2/models/slow_stream/generate_stream",
+                       json={"prompt": " ".join(["word"] * 1000)}, stream=True, timeout=30) as response:
         first = next(response.iter_lines())
         assert first.startswith(b"data: ")
-    again = post(core_server, "stream_words", "generate_stream", {"prompt": "still here"})
+    # the one instance answers the count only once the cancelled execute returned:
+    # it stopped early (1000 words take 10 s at the model's 0.01 s per word)
+    assert 1 <= words_sent(core_server) - before < 1000
+    again = post(core_server, "slow_stream", "generate_stream", {"prompt": "still here"})
     assert [event["word"] for event in events(again)] == ["still", "here"]
 
 
