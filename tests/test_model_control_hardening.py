@@ -40,7 +40,7 @@ def allowed_root(tmp_path_factory) -> Path:
 def server(tmp_path_factory, allowed_root):
     root = tmp_path_factory.mktemp("explicit")
     state = tmp_path_factory.mktemp("state")
-    repository = build_repository(root, ["identity", "crash_loop", "slow_init"])
+    repository = build_repository(root, ["identity", "crash_loop", "slow_init", "hung_env"])
     (root / "outside.py").write_text("raise SystemExit('must never be imported')\n")
     os.symlink(root / "outside.py", repository / "identity" / "1" / "escape.py")
     args = ["--model-control-mode", "explicit", "--load-model", "identity",
@@ -109,6 +109,15 @@ def test_initialize_past_its_deadline_fails_the_load(server):
     assert status == 503
     assert "instance 'slow_init_0': initialize did not finish within 1 s" in error
     assert time.monotonic() - started < 25  # not the 30 s the model's initialize sleeps
+
+
+def test_env_probe_past_its_deadline_fails_the_load(server):
+    started = time.monotonic()
+    status, error = load(server, "hung_env")
+    assert status == 503
+    assert "its Python did not start and import numpy within 1 s" in error
+    assert "'$$TRITON_MODEL_DIRECTORY/env'" in error and str(server.repository) not in error
+    assert time.monotonic() - started < 25  # not the 60 s its python sleeps
 
 
 @pytest.mark.parametrize("change, problem", [

@@ -74,7 +74,9 @@ class PythonBackend(Backend):
 
     async def load(self) -> None:
         config = self.context.config
-        python, env = await asyncio.to_thread(model_python, config, self.context.model_dir)
+        initialize_timeout = self.context.lifecycle.initialize_timeout
+        probe_timeout = min(environment.PROBE_TIMEOUT_S, initialize_timeout or environment.PROBE_TIMEOUT_S)
+        python, env = await asyncio.to_thread(model_python, config, self.context.model_dir, probe_timeout)
         specs = await asyncio.to_thread(instance_specs, self.context, python, env)
         model_file = self.context.version_dir / model_filename(config)
         if not model_file.is_file():
@@ -133,10 +135,12 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no error output"
 
 
-def model_python(config: model_config_pb2.ModelConfig, model_dir: Path) -> tuple[Path, dict[str, str]]:
+def model_python(config: model_config_pb2.ModelConfig, model_dir: Path,
+                 probe_timeout: float = environment.PROBE_TIMEOUT_S) -> tuple[Path, dict[str, str]]:
     """The Python that runs the model's processes, and their environment variables.
 
-    A relative EXECUTION_ENV_PATH is relative to the model's folder.
+    A relative EXECUTION_ENV_PATH is relative to the model's folder; its probe process
+    has ``probe_timeout`` seconds.
     """
     parameter = config.parameters.get(environment.PARAMETER)
     if parameter is None or not parameter.string_value:
@@ -144,7 +148,13 @@ def model_python(config: model_config_pb2.ModelConfig, model_dir: Path) -> tuple
     env_path = parameter.string_value
     if not Path(env_path).expanduser().is_absolute():
         env_path = str(model_dir / Path(env_path).expanduser())
-    python = environment.prepare_python(env_path)
+    try:
+        python = environment.prepare_python(env_path, probe_timeout)
+    except InferError as error:  # errors reach clients: the model's folder by its variable, not its path
+        message = error.message
+        for folder in {str(model_dir.resolve()), str(model_dir)}:
+            message = message.replace(folder, "$$TRITON_MODEL_DIRECTORY")
+        raise InferError(error.code, message) from None
     return python, environment.foreign_env(os.environ)
 
 

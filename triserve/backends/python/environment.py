@@ -33,7 +33,7 @@ PROBE_TIMEOUT_S = 60.0
 CONDA_UNPACK_TIMEOUT_S = 900.0
 
 
-def prepare_python(env_path: str) -> Path:
+def prepare_python(env_path: str, probe_timeout: float = PROBE_TIMEOUT_S) -> Path:
     """The checked ``bin/python`` of the env at ``env_path`` (an archive or a folder).
 
     Blocking (hashing, unpacking, a probe process): call it off the event loop.
@@ -46,7 +46,7 @@ def prepare_python(env_path: str) -> Path:
     else:
         raise InferError.unavailable(f"{PARAMETER} '{env_path}' does not exist")
     python = find_python(env_dir, env_path)
-    check_python(python, env_path)
+    check_python(python, env_path, probe_timeout)
     return python
 
 
@@ -105,20 +105,20 @@ def find_python(env_dir: Path, env_path: str) -> Path:
     raise InferError.unavailable(f"{PARAMETER} '{env_path}' has no bin/python")
 
 
-def check_python(python: Path, env_path: str) -> None:
+def check_python(python: Path, env_path: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     """Run the env's Python once: it must start, import numpy, and match our version."""
     try:
         result = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True,
-                                env=foreign_env(os.environ), timeout=PROBE_TIMEOUT_S)
+                                env=foreign_env(os.environ), timeout=timeout)
     except subprocess.TimeoutExpired:
         raise InferError.unavailable(
             f"{PARAMETER} '{env_path}': its Python did not start and import numpy within "
-            f"{PROBE_TIMEOUT_S:g} s"
+            f"{timeout:g} s"
         ) from None
     if result.returncode != 0:
         problem = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
         raise InferError.unavailable(
-            f"{PARAMETER} '{env_path}': its Python ({python}) cannot run the model stub: {problem}"
+            f"{PARAMETER} '{env_path}': its Python cannot run the model stub: {problem}"
         )
     version = result.stdout.strip()
     expected = "%d.%d" % sys.version_info[:2]
