@@ -48,7 +48,8 @@ def state_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, state_dir):
     root = tmp_path_factory.mktemp("supervision")
-    repository = build_repository(root, ["crashy", "hang", "reshape", "slow", "queue_timeout"])
+    repository = build_repository(root, ["crashy", "hang", "reshape", "slow", "queue_timeout",
+                                           "delay_order", "two_instances"])
     with ServerProcess(repository, env={"TRISERVE_TEST_STATE": str(state_dir)}) as process:
         yield process
 
@@ -160,6 +161,30 @@ def test_os_exit_inside_execute_over_grpc(server):
     assert int(result.as_numpy("PID")[0]) != pid
 
 
+def test_a_dead_instance_leaves_the_pool_while_its_sibling_serves(server):
+    """two_instances: one killed, every request goes to the live one; the model stays ready."""
+    body = {"inputs": [{"name": "INPUT0", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
+
+    def answers() -> list[tuple[int, dict]]:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            return list(pool.map(lambda _: post_infer(server, "two_instances", body), range(16)))
+
+    live = {document["outputs"][0]["data"][0] for _, document in answers()}
+    assert len(live) == 2  # concurrent requests use both instances
+    victim = min(live)
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(0.2)
+    after = answers()
+    # none went to the dead instance (it would fail at once): all served by its sibling
+    assert [status for status, _ in after] == [200] * 16
+    assert {document["outputs"][0]["data"][0] for _, document in after} == live - {victim}
+    assert http_status(f"{server.base_url}/v2/models/two_instances/ready") == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and f"model 'two_instances' instance" not in server.log():
+        time.sleep(0.1)
+    assert "model 'two_instances' instance 'two_instances_" in server.log()
+
+
 def test_execute_past_its_deadline_fails_and_the_instance_is_recycled(server, state_dir):
     pid = pid_of(server, "hang")
     with httpclient.InferenceServerClient(server.http_url, network_timeout=60) as client:
@@ -264,6 +289,37 @@ def test_queue_timeout_rejects_with_tritons_error_and_a_request_may_shorten_it(s
     assert outcomes[1] == "StatusCode.UNAVAILABLE Request timeout expired"
     assert "served" in outcomes[2:]
     assert "StatusCode.UNAVAILABLE Request timeout expired" in outcomes[2:]
+
+
+def test_request_timeout_without_a_queue_policy(server):
+    """crashy has no dynamic_batching: a request's own ``timeout`` bounds its queue time."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(post_infer, server, "crashy", {"inputs": [
+            {"name": "ACTION", "shape": [1], "datatype": "BYTES", "data": ["sleep:2"]}]})
+        time.sleep(0.3)
+        status, document = post_infer(server, "crashy", {"parameters": {"timeout": 200_000}, "inputs": [
+            {"name": "ACTION", "shape": [1], "datatype": "BYTES", "data": ["pid"]}]})
+        assert busy.result()[0] == 200
+    assert (status, document["error"]) == (503, "Request timeout expired")
+
+
+def test_timeout_action_delay_runs_expired_requests_after_the_others(server):
+    def send(timeout_us: int | None) -> int:
+        body = {"inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}
+        if timeout_us is not None:
+            body["parameters"] = {"timeout": timeout_us}
+        status, document = post_infer(server, "delay_order", body)
+        assert status == 200, document
+        return document["outputs"][0]["data"][0]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        first = pool.submit(send, None)
+        time.sleep(0.3)
+        expires = pool.submit(send, 100_000)  # expires while the first runs: delayed
+        time.sleep(0.2)
+        patient = pool.submit(send, None)
+        orders = [first.result(), expires.result(), patient.result()]
+    assert orders[1] == orders[0] + 2 and orders[2] == orders[0] + 1
 
 
 # --- reshape ------------------------------------------------------------------------------
