@@ -175,9 +175,11 @@ def test_a_dead_instance_leaves_the_pool_while_its_sibling_serves(server):
     os.kill(victim, signal.SIGKILL)
     time.sleep(0.2)
     after = answers()
-    # none went to the dead instance (it would fail at once): all served by its sibling
+    # none went to the dead instance (it would fail at once): its sibling (or, once back,
+    # the restarted instance) served every one
     assert [status for status, _ in after] == [200] * 16
-    assert {document["outputs"][0]["data"][0] for _, document in after} == live - {victim}
+    served_by = {document["outputs"][0]["data"][0] for _, document in after}
+    assert victim not in served_by and live - {victim} <= served_by
     assert http_status(f"{server.base_url}/v2/models/two_instances/ready") == 200
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and f"model 'two_instances' instance" not in server.log():
