@@ -23,7 +23,7 @@ from triserve.core import config as model_config
 from triserve.core import datatypes, metrics
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.reshape import Reshape
-from triserve.core.scheduler import Scheduler
+from triserve.core.scheduler import TIMEOUT_EXPIRED, Scheduler
 from triserve.core.statistics import ModelStatistics
 from triserve.core.types import InferRequest, InferResponse
 from triserve.core.validation import RequestValidator
@@ -49,6 +49,15 @@ def backend_class_for(config: model_config_pb2.ModelConfig) -> type[Backend]:
         raise model_config.ConfigError(
             f"backend '{config.backend}' is not supported; use one of {supported}"
         ) from None
+
+
+def _failure_reason(error: InferError) -> str:
+    """The ``reason`` label of nv_inference_request_failure for a failed response."""
+    if error.code is ErrorCode.CANCELLED:
+        return "CANCELED"
+    if error.message == TIMEOUT_EXPIRED:  # the queue policy rejected it, as Triton counts it
+        return "REJECTED"
+    return "BACKEND"
 
 
 class ModelVersion:
@@ -174,8 +183,7 @@ class ModelVersion:
                 if response.error is None:
                     statistics.record_success(duration)
                 else:
-                    cancelled = response.error.code is ErrorCode.CANCELLED
-                    statistics.record_failure("CANCELED" if cancelled else "BACKEND", duration)
+                    statistics.record_failure(_failure_reason(response.error), duration)
                 active.discard(job)
                 if not active:
                     self._idle.set()
