@@ -155,7 +155,15 @@ def test_os_exit_inside_execute_over_grpc(server):
             client.infer("crashy", [grpc_action("exit:7")])
         assert error.value.status() == "StatusCode.UNAVAILABLE"
         assert "instance 'crashy_0' process exited (exit code 7)" in error.value.message()
-        # no live instance until it is back: refused at once, not queued for ever
+        # with no live instance (1.5 s: backoff, then a slow initialize) a request is refused at
+        # once with the reason; only a stalled machine would let the restarted one answer it
+        try:
+            result = client.infer("crashy", [grpc_action("pid")])
+        except InferenceServerException as refused:
+            assert refused.status() == "StatusCode.UNAVAILABLE"
+            assert "is not ready: no instance is running; it is being restarted" in refused.message()
+        else:
+            assert int(result.as_numpy("PID")[0]) != pid
         watch_readiness(server, "crashy")
         result = client.infer("crashy", [grpc_action("pid")])
     assert int(result.as_numpy("PID")[0]) != pid
