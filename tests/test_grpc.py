@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import queue
-import time
 
 import grpc
 import numpy as np

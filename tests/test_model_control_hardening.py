@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from serverproc import ServerProcess
-from test_supervision import action, build_repository, http_status, pid_of, restarts
+from test_supervision import action, build_repository, http_status, restarts
 
 IDENTITY_OVERRIDE = {
     "backend": "python",
