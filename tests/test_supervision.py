@@ -264,6 +264,11 @@ def test_hundreds_of_clients_on_a_bounded_queue_are_all_answered(server):
     for outcome in refused:
         assert outcome.split(" ", 1)[0] in ("503", "StatusCode.UNAVAILABLE"), outcome
         assert "Exceeds maximum queue size" in outcome, outcome
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    (line,) = [line for line in metrics.splitlines() if line.startswith("nv_inference_request_failure{")
+               and 'model="slow"' in line and 'reason="REJECTED"' in line]
+    assert float(line.split()[-1]) == len(refused)  # counted as Triton counts them
     rss_after = rss_kib(server.proc.pid)
     print(f"\n{clients} clients: {served} served, {len(refused)} refused; server RSS "
           f"{rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB; health: {len(health_latencies)} "
