@@ -49,7 +49,7 @@ def state_dir(tmp_path_factory) -> Path:
 def server(tmp_path_factory, state_dir):
     root = tmp_path_factory.mktemp("supervision")
     repository = build_repository(root, ["crashy", "hang", "reshape", "slow", "queue_timeout",
-                                           "delay_order", "two_instances"])
+                                           "delay_order", "two_instances", "slow_unbounded"])
     with ServerProcess(repository, env={"TRISERVE_TEST_STATE": str(state_dir)}) as process:
         yield process
 
@@ -217,11 +217,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-@pytest.mark.slow
-def test_hundreds_of_clients_on_a_bounded_queue_are_all_answered(server):
-    """400 concurrent clients, 1 slow instance, max_queue_size 16: every request is served or
-    refused with 503 "Exceeds maximum queue size"; health checks keep answering."""
-    clients = 400
+def overload(server, model: str, clients: int) -> tuple[list[str], list[float], int, int]:
+    """``clients`` concurrent infers (half HTTP, half gRPC) while a thread checks health every
+    50 ms; the outcome of each ("served" or "<status> <message>"), the health latencies, and the
+    server's RSS (KiB) before and after."""
     data = np.ones([1, 4], dtype=np.float32)
     rss_before = rss_kib(server.proc.pid)
     health_latencies: list[float] = []
@@ -236,14 +235,14 @@ def test_hundreds_of_clients_on_a_bounded_queue_are_all_answered(server):
 
     def one(index: int) -> str:
         if index % 2:
-            status, document = post_infer(server, "slow", {"inputs": [
+            status, document = post_infer(server, model, {"inputs": [
                 {"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": data.ravel().tolist()}]})
             return "served" if status == 200 else f"{status} {document['error']}"
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
             tensor = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
             tensor.set_data_from_numpy(data)
             try:
-                client.infer("slow", [tensor], client_timeout=120)
+                client.infer(model, [tensor], client_timeout=120)
                 return "served"
             except InferenceServerException as error:
                 return f"{error.status()} {error.message()}"
@@ -256,9 +255,22 @@ def test_hundreds_of_clients_on_a_bounded_queue_are_all_answered(server):
     finally:
         stop.set()
         watcher.join()
+    rss_after = rss_kib(server.proc.pid)
+    served = outcomes.count("served")
+    latencies = sorted(health_latencies)
+    print(f"\n{model}: {clients} clients, {served} served, {clients - served} refused; server RSS "
+          f"{rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB; health: {len(latencies)} checks, "
+          f"median {latencies[len(latencies) // 2] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
+    return outcomes, latencies, rss_before, rss_after
+
+
+@pytest.mark.slow
+def test_hundreds_of_clients_on_a_bounded_queue_are_all_answered(server):
+    """400 concurrent clients, 1 slow instance, max_queue_size 16: every request is served or
+    refused with 503 "Exceeds maximum queue size"; health checks keep answering."""
+    outcomes, _, rss_before, rss_after = overload(server, "slow", 400)
     served = outcomes.count("served")
     refused = [o for o in outcomes if o != "served"]
-    assert served + len(refused) == clients
     assert served >= 17  # at least the instance's work plus a full queue
     assert refused, "400 clients against a queue of 16 must see refusals"
     for outcome in refused:
@@ -269,13 +281,17 @@ def test_hundreds_of_clients_on_a_bounded_queue_are_all_answered(server):
     (line,) = [line for line in metrics.splitlines() if line.startswith("nv_inference_request_failure{")
                and 'model="slow"' in line and 'reason="REJECTED"' in line]
     assert float(line.split()[-1]) == len(refused)  # counted as Triton counts them
-    rss_after = rss_kib(server.proc.pid)
-    print(f"\n{clients} clients: {served} served, {len(refused)} refused; server RSS "
-          f"{rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB; health: {len(health_latencies)} "
-          f"checks, max {max(health_latencies) * 1000:.0f} ms, "
-          f"median {sorted(health_latencies)[len(health_latencies) // 2] * 1000:.0f} ms")
     assert rss_after - rss_before < 300 * 1024  # bounded: refused requests leave nothing behind
     assert http_status(f"{server.base_url}/v2/health/ready") == 200
+
+
+@pytest.mark.slow
+def test_hundreds_of_clients_on_an_unbounded_queue_are_all_served(server):
+    """300 concurrent clients queue behind one 10 ms instance (no queue policy): all served."""
+    outcomes, latencies, rss_before, rss_after = overload(server, "slow_unbounded", 300)
+    assert outcomes == ["served"] * 300
+    assert len(latencies) > 1  # health checks answered while 300 requests waited
+    assert rss_after - rss_before < 300 * 1024
 
 
 def test_queue_timeout_rejects_with_tritons_error_and_a_request_may_shorten_it(server):
