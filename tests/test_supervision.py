@@ -139,7 +139,11 @@ def test_killed_mid_request_fails_that_request_with_unavailable(server, state_di
     body = {"inputs": [{"name": "ACTION", "shape": [1], "datatype": "BYTES", "data": ["sleep:30"]}]}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post_infer, server, "crashy", body)
-        time.sleep(1.0)  # the request is executing in the instance now
+        busy = state_dir / f"{pid}.busy"
+        deadline = time.monotonic() + 30
+        while not busy.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert busy.exists()  # the request is executing in the instance now
         os.kill(pid, signal.SIGKILL)
         status, document = pending.result(timeout=30)
     assert status == 503

@@ -178,8 +178,11 @@ class Scheduler:
             if job.cancelled:
                 self._pop().fail(InferError(ErrorCode.CANCELLED, "request was cancelled while queued"))
                 continue
-            if deadline and deadline <= time.monotonic_ns() and not self._delay_expired:
-                self._pop().fail(InferError.unavailable(TIMEOUT_EXPIRED))
+            if deadline and deadline <= time.monotonic_ns():  # expired before the sweep saw it
+                if self._delay_expired:
+                    self._delayed.append((self._queue.popleft()[0], size, 0))
+                else:
+                    self._pop().fail(InferError.unavailable(TIMEOUT_EXPIRED))
                 continue
             if batch and total + size > self._max_batch_size:
                 break
