@@ -8,6 +8,7 @@ on request, and logs every ``initialize`` to ``$TRISERVE_TEST_STATE/<model>.init
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import json
 import os
 import shutil
@@ -225,6 +226,9 @@ def overload(server, model: str, clients: int) -> tuple[list[str], list[float], 
     """``clients`` concurrent infers (half HTTP, half gRPC) while a thread checks health every
     50 ms; the outcome of each ("served" or "<status> <message>"), the health latencies, and the
     server's RSS (KiB) before and after."""
+    # tritonclient HTTP clients of earlier tests are gevent objects: collect them here, on the
+    # thread that made them, not in a worker thread below
+    gc.collect()
     data = np.ones([1, 4], dtype=np.float32)
     rss_before = rss_kib(server.proc.pid)
     health_latencies: list[float] = []
