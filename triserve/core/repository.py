@@ -115,12 +115,9 @@ class ModelRepository:
                 return False
         return True
 
-    def ready_models(self) -> list[ModelVersion]:
-        return [model for record in self._models.values() for model in record.versions.values()]
-
     def loaded_models(self) -> list[ModelVersion]:
-        """Every loaded version, ready or not (an instance restarting)."""
-        return self.ready_models()
+        """Every loaded version, ready or not (its instances restarting)."""
+        return [model for record in self._models.values() for model in record.versions.values()]
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The ready model version a request names ("" = latest); NOT_FOUND / UNAVAILABLE otherwise."""

@@ -118,7 +118,8 @@ class InferenceServer:
         return self._models.get(name, version)
 
     def model_names(self) -> list[str]:
-        return sorted({model.name for model in self._models.ready_models()})
+        """The loaded models (a model restarting its instances is listed; it serves again soon)."""
+        return sorted({model.name for model in self._models.loaded_models()})
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         return self._models.index(ready_only)
@@ -199,9 +200,9 @@ class InferenceServer:
             models = [self.get_model(name, version)]
         elif name:
             self.get_model(name)  # NOT_FOUND / UNAVAILABLE for a model that is not ready
-            models = [m for m in self._models.ready_models() if m.name == name]
+            models = [m for m in self._models.loaded_models() if m.name == name]
         else:
-            models = self._models.ready_models()
+            models = self._models.loaded_models()
         return [model.statistics.to_json() for model in sorted(models, key=lambda m: (m.name, m.version))]
 
     def _require_explicit_mode(self, action: str) -> None:
