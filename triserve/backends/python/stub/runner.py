@@ -7,7 +7,7 @@ reads a config JSON on stdin, runs ``TritonPythonModel.auto_complete_config`` an
 prints the completed JSON.
 
 Frames are a 4-byte little-endian length and a pickle (protocol 5) of a tuple
-whose first item names the message; see ``backend.py`` for the parent side.
+whose first item names the message; see ``ipc.py`` and ``instance.py`` for the parent side.
 The main thread reads ``execute`` and ``finalize`` from FD itself, so a request
 reaches the model with no thread handoff. Cancellations and BLS responses come on
 CONTROL_FD, served by a reader thread, so they arrive while a model is busy.
