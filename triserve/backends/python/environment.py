@@ -21,6 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from triserve import progress
 from triserve.cache import cache_dir, file_sha256
 from triserve.core.errors import InferError
 
@@ -63,7 +64,8 @@ def unpack_archive(archive: Path) -> Path:
         shutil.rmtree(target, ignore_errors=True)  # left by a crash between rename and marker
         staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=envs))
         try:
-            with tarfile.open(archive, "r:*") as tar:
+            with progress.reading(archive, f"unpacking {archive.name}") as file, \
+                    tarfile.open(fileobj=file, mode="r:*") as tar:
                 tar.extractall(staging, filter="tar")
         except (tarfile.TarError, OSError, EOFError) as exc:
             shutil.rmtree(staging, ignore_errors=True)

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from triserve.core.errors import InferError
-from triserve.frontends.http import binary, chatglm, generate, jsonio, kserve, legacy, openai, openapi
+from triserve.frontends.http import binary, chatglm, generate, jsonio, kserve, legacy, openai, openapi, ui
 from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.errors import EXCEPTION_HANDLERS, error_body, unexpected_error_body
 
@@ -105,6 +105,7 @@ def create_app(core: InferenceServer, options: HttpOptions) -> Starlette:
         *openai.routes(core),
         *openapi.routes(),
         *legacy.routes(core),
-        *chatglm.routes(core, options.chatglm_model),
+        *ui.routes(),  # GET / and /ui: the chat page
+        *chatglm.routes(core, options.chatglm_model),  # POST /
     ]
     return TriserveApp(core, routes=routes, exception_handlers=EXCEPTION_HANDLERS)
