@@ -1,4 +1,7 @@
-"""``triserve serve ...``: command-line arguments and logging setup."""
+"""``triserve serve|chat|bench ...``: command-line arguments and logging setup.
+
+``chat`` and ``bench`` are clients (``triserve/tools/``), imported only when asked for.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Sequence
 
 import triserve
 from triserve.options import DEFAULT_REPOSITORY, ServerOptions
+from triserve.tools import arguments
 
 
 def _port(text: str) -> int:
@@ -66,12 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
                             "besides the model's own folder; repeatable")
     serve.add_argument("--chatglm-model", default=None, metavar="NAME",
                        help="the model that answers ChatGLM's POST / (default: the first chat model)")
+    chat = commands.add_parser(
+        "chat", help="chat with a model in the terminal (a running server's, or one it starts)",
+        description="A terminal chat with any chat model, over the OpenAI routes, streamed. "
+                    "Commands: /reset, /system TEXT, /exit.",
+    )
+    arguments.add_chat_arguments(chat)
+    bench = commands.add_parser(
+        "bench", help="measure latency and throughput of a KServe v2 or OpenAI endpoint",
+        description="Send requests at a range of concurrencies to any KServe v2 (HTTP or gRPC) "
+                    "or OpenAI endpoint; print the seed's cnt/max/min/avg line, percentiles, "
+                    "requests/s, tokens/s, TTFT and inter-token latency; write a JSON report "
+                    "and PNG plots.",
+    )
+    arguments.add_bench_arguments(bench)
     return parser
 
 
 def parse_options(argv: Sequence[str] | None = None) -> ServerOptions:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return _server_options(parser, parser.parse_args(argv))
+
+
+def _server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerOptions:
     if args.load_model and args.model_control_mode != "explicit":
         parser.error("--load-model needs --model-control-mode explicit (in mode 'none' every model loads)")
     if not args.model_repository.is_dir():
@@ -127,7 +148,17 @@ def setup_logging(verbose: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = parse_options(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "chat":
+        from triserve.tools import chat
+
+        return chat.run(args)
+    if args.command == "bench":
+        from triserve.tools import bench
+
+        return bench.run(args)
+    options = _server_options(parser, args)
     setup_logging(options.log_verbose)
     # imported here, so that --help and usage errors skip importing the frontends
     from triserve.server import StartupError, run
