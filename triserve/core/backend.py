@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -239,10 +240,10 @@ def get_backend_class(name: str) -> type[Backend]:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         packages, command = _EXTRAS.get(name, ((), ""))
-        missing = (exc.name or "").partition(".")[0]
-        if missing not in packages:
+        if (exc.name or "").partition(".")[0] not in packages:
             raise
+        missing = [package for package in packages if importlib.util.find_spec(package) is None]
         raise BackendNotInstalled(
-            f"backend '{name}' needs the package '{missing}', which is not installed: {command}"
+            f"backend '{name}' needs packages that are not installed ({', '.join(missing)}): {command}"
         ) from None
     return getattr(module, class_name)
