@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 
 import pexpect
 import pytest
@@ -156,3 +157,26 @@ def test_chat_refuses_url_with_model_repository():
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus != 0 and "not both" in child.before
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_reply_midway_and_the_server_stops_generating(chat_server):
+    from test_ui import llm_metrics
+
+    child = spawn("--url", chat_server.base_url, "--max-tokens", "1500", "--temperature", "0.7")
+    before = llm_metrics(chat_server)
+    child.sendline("Write a very long story about a dragon who learns to cook, in many chapters.")
+    child.expect(f"{DEFAULT_CHAT_MODEL}> ")
+    child.expect(r"\w+ \w+ \w+ \w+")  # a few words of the reply have arrived
+    child.sendintr()
+    child.expect("you> ")
+    assert "stopped" in ANSI.sub("", child.before)
+    deadline = time.monotonic() + 15
+    while llm_metrics(chat_server)["triserve_llm_running_sequences"] != 0:
+        assert time.monotonic() < deadline, "the engine kept decoding the stopped reply"
+        time.sleep(0.2)
+    stopped = llm_metrics(chat_server)["triserve_llm_generation_tokens_total"]
+    time.sleep(1.5)
+    assert llm_metrics(chat_server)["triserve_llm_generation_tokens_total"] == stopped
+    assert 0 < stopped - before["triserve_llm_generation_tokens_total"] < 1500
+    leave(child)
