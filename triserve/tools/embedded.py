@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 #: Seconds to wait for the models to load (the first start converts the default model's GGUF).
 READY_TIMEOUT_S = 600
@@ -40,30 +41,43 @@ class EmbeddedServer:
     def start(self) -> "EmbeddedServer":
         command = [sys.executable, "-m", "triserve", "serve", "--model-repository", str(self.repository),
                    "--host", "127.0.0.1", "--http-port", str(self.http_port),
-                   "--grpc-port", str(_free_port()), "--metrics-port", str(_free_port())]
+                   "--grpc-port", str(_free_port()), "--metrics-port", str(_free_port()),
+                   # ready once every model was tried: a model that fails is reported, not waited for
+                   "--strict-readiness", "false"]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         self.console.print(f"[dim]started triserve (pid {self.process.pid}) on {self.url} for "
                            f"{self.repository}; its log: {self._log.name}[/dim]")
         with self.console.status("loading the models…"):
             self._wait_ready()
+        self._report_failed_models()
         return self
+
+    def _report_failed_models(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            rows = client.post(f"{self.url}/v2/repository/index", json={}).json()
+        for row in rows:
+            if row.get("state") == "UNAVAILABLE":
+                self.console.print(f"[yellow]model {escape(row['name'])} did not load:[/yellow] "
+                                   f"{escape(row.get('reason', ''))}")
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         with httpx.Client(timeout=2) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"triserve exited with status {self.process.returncode}:\n"
-                                       f"{self.log_tail()}")
+                    status, tail = self.process.returncode, self.log_tail()
+                    self.stop()
+                    raise RuntimeError(f"triserve exited with status {status}:\n{tail}")
                 try:
                     if client.get(f"{self.url}/v2/health/ready").status_code == 200:
                         return
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.2)
+        tail = self.log_tail()
         self.stop()
-        raise RuntimeError(f"triserve was not ready after {READY_TIMEOUT_S} s:\n{self.log_tail()}")
+        raise RuntimeError(f"triserve was not ready after {READY_TIMEOUT_S} s:\n{tail}")
 
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(Path(self._log.name).read_text(errors="replace").splitlines()[-lines:])
