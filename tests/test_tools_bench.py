@@ -96,7 +96,8 @@ def test_bench_sends_a_perf_analyzer_input_file(core_server, tmp_path):
 
 @pytest.mark.slow
 def test_bench_streams_and_its_token_counts_match_the_engines(chat_server, tmp_path):
-    runs = (("openai", chat_server.base_url, [1, 2], 3, 1), ("grpc", chat_server.grpc_url, [2], 2, 0))
+    runs = (("openai", chat_server.base_url, [1, 2], 3, 1), ("grpc", chat_server.grpc_url, [2], 2, 0),
+            ("http", chat_server.http_url, [2], 2, 0))
     for protocol, url, concurrency, count, warmup in runs:
         before = metrics(chat_server, DEFAULT_CHAT_MODEL)
         report_path = tmp_path / f"{protocol}.json"
@@ -126,11 +127,28 @@ def test_bench_streams_and_its_token_counts_match_the_engines(chat_server, tmp_p
             assert 0 < itl["p50"] < latency["max"]
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bench_streams_a_decoupled_python_model(core_server, tmp_path, protocol):
+    # stream_words sends one response per word: HTTP through /generate_stream, gRPC ModelStreamInfer
+    data = tmp_path / "words.json"
+    data.write_text(json.dumps({"data": [{"prompt": ["one two three four"]}, {"prompt": ["五 六"]}]},
+                               ensure_ascii=False))
+    url = core_server.http_url if protocol == "http" else core_server.grpc_url
+    before = model_successes(core_server.http_url, "stream_words")
+    report_path = tmp_path / "report.json"
+    result = bench("-i", protocol, "-u", url, "-m", "stream_words", "--input-data", str(data),
+                   "--concurrency", "2", "-c", "10", "--warmup", "0", "--report", str(report_path))
+    report = json.loads(report_path.read_text())
+    check_report(report, result.stdout, [2], 10)
+    [level] = report["levels"]
+    assert report["stream"] is True and level["tokens"] == 5 * 4 + 5 * 2  # one piece per word
+    assert level["ttft_ms"]["max"] <= level["latency_ms"]["max"] and level["itl_ms"] is not None
+    assert model_successes(core_server.http_url, "stream_words") - before == 10
+
+
 def test_bench_says_what_is_wrong(core_server, tmp_path):
     result = bench("-i", "http", "-u", core_server.http_url, "-m", "no_such_model", "-c", "1", expect=1)
     assert "no_such_model" in result.stderr
-    result = bench("-i", "http", "-u", core_server.http_url, "-m", "stream_words", "-c", "1", expect=1)
-    assert "use --protocol grpc" in result.stderr and "decoupled" in result.stderr
     bad = tmp_path / "bad.json"
     bad.write_text('{"data": [{"NOT_AN_INPUT": ["x"]}]}')
     result = bench("-i", "grpc", "-u", core_server.grpc_url, "-m", "identity_bytes", "--input-data", str(bad),
@@ -195,12 +213,13 @@ def test_bench_against_the_real_triton(tmp_path):
         # a decoupled model, streamed: one piece per word
         prompt = tmp_path / "prompt.json"
         prompt.write_text(json.dumps({"data": [{"prompt": {"content": ["one two three four five"], "shape": [1]}}]}))
-        report_path = tmp_path / "stream.json"
-        result = bench("-i", "grpc", "-u", grpc_url, "-m", "stream_echo", "--input-data", str(prompt),
-                       "--concurrency", "2", "-c", "10", "--warmup", "0", "--report", str(report_path))
-        report = json.loads(report_path.read_text())
-        check_report(report, result.stdout, [2], 10)
-        assert report["stream"] is True and report["levels"][0]["tokens"] == 50
-        assert model_successes(http_url, "stream_echo") == 10
+        for protocol, url in (("grpc", grpc_url), ("http", http_url)):  # HTTP: Triton's /generate_stream
+            report_path = tmp_path / f"stream-{protocol}.json"
+            result = bench("-i", protocol, "-u", url, "-m", "stream_echo", "--input-data", str(prompt),
+                           "--concurrency", "2", "-c", "10", "--warmup", "0", "--report", str(report_path))
+            report = json.loads(report_path.read_text())
+            check_report(report, result.stdout, [2], 10)
+            assert report["stream"] is True and report["levels"][0]["tokens"] == 50
+        assert model_successes(http_url, "stream_echo") == 20
     finally:
         subprocess.run(["bash", str(anchor / "stop.sh")], env=env, capture_output=True, timeout=120)

@@ -3,7 +3,8 @@
 Sends requests to any KServe v2 endpoint (HTTP or gRPC, through tritonclient) or
 OpenAI endpoint (``/v1/chat/completions``) at each concurrency of a range: N workers,
 each sending its next request as soon as its last one is answered, until the level's
-request count is reached. Streams (gRPC ModelStreamInfer, OpenAI SSE) also give the
+request count is reached. Streams (gRPC ModelStreamInfer, HTTP through Triton's generate
+extension ``/generate_stream``, OpenAI SSE) also give the
 time to first token and the inter-token latency. For each level it prints the seed's
 ``cnt=%d max=%dms min=%dms avg=%dms`` line, then a table; ``--report`` writes the
 figures as JSON and ``--plots`` draws them (PNG, matplotlib).
@@ -111,6 +112,7 @@ class KServeTarget(Target):
         self.metadata: dict[str, Any] = {}
         self.batched = False
         self.decoupled = False
+        self.sse: Any = None
 
     async def open(self) -> None:
         from tritonclient.utils import InferenceServerException
@@ -137,15 +139,21 @@ class KServeTarget(Target):
         self.batched = int(config.get("max_batch_size", 0) or 0) > 0
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         self.stream = self.decoupled if self.requested_stream is None else self.requested_stream
-        if self.stream and self.protocol == "http":
-            raise BenchError("streaming over KServe needs gRPC (ModelStreamInfer): use --protocol grpc"
-                             + (f" (model '{self.model}' is decoupled)" if self.decoupled else ""))
         if self.stream:
             self.extra = {**self.extra, "stream": ["true"]}
+        if self.stream and self.protocol == "http":
+            import httpx
+
+            # HTTP streams go through Triton's generate extension (/generate_stream, SSE)
+            self.sse = httpx.AsyncClient(base_url=f"http://{self.url}", headers=self.headers,
+                                         timeout=httpx.Timeout(self.timeout_s),
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
 
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
+        if self.sse is not None:
+            await self.sse.aclose()
 
     def tensors(self, entry: dict[str, Any]) -> list[Any]:
         if self.protocol == "grpc":
@@ -160,7 +168,7 @@ class KServeTarget(Target):
         return inputs
 
     def worker(self) -> Worker:
-        return StreamWorker(self) if self.stream else Worker(self)
+        return StreamWorker(self) if self.stream and self.protocol == "grpc" else Worker(self)
 
     def has_piece(self, response: Any) -> bool:
         """Whether a streamed response carries output: a non-empty value of the model's first
@@ -175,6 +183,8 @@ class KServeTarget(Target):
     async def send(self, entry: dict[str, Any], worker: Worker) -> Sample:
         from tritonclient.utils import InferenceServerException
 
+        if self.sse is not None:
+            return await self.generate_stream(entry)
         inputs = self.tensors(entry)
         started = time.perf_counter()
         try:
@@ -185,6 +195,53 @@ class KServeTarget(Target):
         except (asyncio.TimeoutError, OSError) as exc:
             return Sample(time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}")
         return Sample(time.perf_counter() - started, tokens=_completion_tokens(result, self.protocol))
+
+
+    async def generate_stream(self, entry: dict[str, Any]) -> Sample:
+        """One request on ``/v2/models/{m}/generate_stream``: the inputs as a flat JSON object,
+        each SSE event one response, the stream's end the final one."""
+        import httpx
+
+        from triserve.tools import openai_http
+
+        body = {tensor.name: tensor.array.reshape(-1).tolist() if tensor.array.size != 1
+                else tensor.array.reshape(-1)[0]
+                for tensor in bench_inputs.kserve_tensors(entry, self.metadata, self.batched, self.extra)}
+        body = {name: _jsonable(value) for name, value in body.items()}
+        piece_output = self.metadata["outputs"][0]["name"]
+        started = time.perf_counter()
+        sample = Sample(0.0)
+        try:
+            async with self.sse.stream("POST", f"/v2/models/{self.model}/generate_stream", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    sample.error = openai_http.error_text(response)
+                else:
+                    async for event in openai_http.sse_chunks_async(response.aiter_lines()):
+                        if "error" in event:
+                            sample.error = str(event["error"])
+                            break
+                        if event.get(piece_output) not in (None, "", []):
+                            sample.chunks += 1
+                            if sample.ttft_s is None:
+                                sample.ttft_s = time.perf_counter() - started
+                        tokens = (event.get("parameters") or {}).get("completion_tokens")
+                        if tokens is not None:
+                            sample.tokens = int(tokens)
+        except httpx.HTTPError as exc:
+            sample.error = f"{type(exc).__name__}: {exc}"
+        sample.latency_s = time.perf_counter() - started
+        if sample.tokens is None and sample.chunks:
+            sample.tokens = sample.chunks
+        return sample
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value.item() if hasattr(value, "item") else value
 
 
 class StreamWorker(Worker):
