@@ -56,8 +56,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("-m", "--model", help="the model (OpenAI: default the server's first)")
     where.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY' (HTTP header, gRPC metadata)")
     where.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                       help="stream each reply (gRPC ModelStreamInfer, HTTP /generate_stream, OpenAI SSE) and measure TTFT and "
-                            "inter-token latency; default: OpenAI and decoupled KServe models stream")
+                       help="stream each reply (gRPC ModelStreamInfer, HTTP /generate_stream, OpenAI SSE) "
+                            "and measure TTFT and inter-token latency; default: OpenAI and decoupled "
+                            "KServe models stream")
     load = parser.add_argument_group("load")
     load.add_argument("--concurrency", type=_concurrency, default=[1, 2, 4], metavar="1,2,4|START:END[:STEP]",
                       help="concurrent requests, one level after the other (default: 1,2,4)")
