@@ -186,6 +186,12 @@ class Backend(ABC):
         """Run one batch. Answer every job (``job.send``), or raise: the core then
         fails the jobs that have no final response yet with the error."""
 
+    def refusal_when_full(self) -> InferError | None:
+        """For a backend whose own queue is bounded (the LLM engine's waiting queue, counted in
+        ``capacity``): the error that refuses a request arriving while ``capacity`` batches
+        execute, at once. None (the default): the request waits in the core's queue."""
+        return None
+
     @property
     def healthy(self) -> bool:
         """Whether the backend can serve requests now (at least one instance process alive,

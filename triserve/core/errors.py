@@ -63,3 +63,12 @@ class InferError(Exception):
     @classmethod
     def internal(cls, message: str) -> "InferError":
         return cls(ErrorCode.INTERNAL, message)
+
+
+class QueueFullError(InferError):
+    """A request refused at once because a bounded queue is full (Triton's "Exceeds maximum
+    queue size"): UNAVAILABLE (HTTP 503, gRPC UNAVAILABLE), so a client may retry later.
+    OpenAI routes answer it as 429, as OpenAI does when it is overloaded."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.UNAVAILABLE, message)

@@ -80,6 +80,11 @@ class Scheduler:
             raise InferError.unavailable(
                 f"{QUEUE_FULL}: model '{self._name}' has {self._max_queue_size} request(s) queued "
                 "(dynamic_batching default_queue_policy max_queue_size)")
+        if self._in_flight >= self._backend.capacity:
+            refusal = self._backend.refusal_when_full()  # a backend that bounds its own queue
+            if refusal is not None:
+                self._statistics.record_failure("REJECTED", 0)
+                raise refusal
         timeout_ns = self._timeout_ns(job)
         deadline = job.enqueue_ns + timeout_ns if timeout_ns else 0
         self._queue.append((job, batch_size, deadline))

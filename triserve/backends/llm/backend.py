@@ -3,9 +3,13 @@
 A config names a model (``parameters { key: "model" ... }``); auto-complete
 declares the chat contract's tensors and makes the model decoupled. Every
 request is rendered with the tokenizer's own chat template and handed to the
-continuous-batching :class:`LLMEngine` at once (``capacity`` is unbounded: the
-engine, not the core's scheduler, decides what runs together). Engine outputs
-arrive on the engine thread and are turned into responses on the event loop.
+continuous-batching :class:`LLMEngine` at once: the engine, not the core's
+scheduler, decides what runs together. ``capacity`` is what the engine holds
+(``max_num_seqs`` running + ``max_queue_size`` waiting); a request beyond it is
+refused at once with :class:`QueueFullError` (UNAVAILABLE), never queued
+without bound. Engine outputs arrive on the engine thread and are turned into
+responses on the event loop; a fault in one request's reply (detokenizing)
+ends that request alone.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,15 +31,15 @@ from triserve.backends.llm.chat import (
 )
 from triserve.core.chat_contract import CHAT_INPUTS, CHAT_OUTPUTS, REQUIRED_INPUTS
 from triserve.backends.llm.detokenize import ReplyText
-from triserve.backends.llm.engine import LLMEngine, SamplingParams, StepOutput
+from triserve.backends.llm.engine import (EngineOverloaded, EngineUnavailable, LLMEngine, SamplingParams,
+                                          StepOutput)
 from triserve.backends.llm.loader import LLMSettings, load_model
 from triserve.backends.llm.metrics import LLMMetrics
 from triserve.core.config import ConfigError
-from triserve.core.errors import ErrorCode, InferError
+from triserve.core.errors import ErrorCode, InferError, QueueFullError
 from triserve.core.types import InferResponse, InferTensor
 
-#: Requests handed to the engine at once; the engine queues what does not fit its slots.
-_UNBOUNDED = 1 << 30
+logger = logging.getLogger("triserve.llm")
 
 
 class LLMBackend(Backend):
@@ -80,12 +85,16 @@ class LLMBackend(Backend):
         self._stop_token_ids = stop_token_ids(self._tokenizer, model.generation_config)
         self._engine = await asyncio.to_thread(LLMEngine, model, settings.engine)
         self._engine.start()
+        if settings.engine.faults.enabled:
+            context.logger.warning("model '%s': fault injection is ON (%s): for tests only",
+                                   context.name, settings.engine.faults)
         self._metrics = LLMMetrics(context.name, context.version, self._engine.stats)
         engine = settings.engine
         context.logger.info("model '%s': %s weights (quantization %s), %d engine threads, context %d "
-                            "tokens, %d sequences at once, stop tokens %s",
+                            "tokens, %d sequences at once, %d more may wait, stop tokens %s",
                             context.name, engine.dtype, engine.quantization, engine.threads,
-                            engine.max_model_len, engine.max_num_seqs, sorted(self._stop_token_ids))
+                            engine.max_model_len, engine.max_num_seqs, engine.max_queue_size,
+                            sorted(self._stop_token_ids))
 
     async def unload(self) -> None:
         if self._metrics is not None:
@@ -96,7 +105,26 @@ class LLMBackend(Backend):
 
     @property
     def capacity(self) -> int:
-        return _UNBOUNDED
+        """Requests the engine holds: running sequences and the bounded waiting queue."""
+        config = self._engine.config
+        return config.max_num_seqs + config.max_queue_size
+
+    def refusal_when_full(self) -> InferError:
+        return self._overloaded(f"{self.capacity} requests in flight (max_num_seqs "
+                                f"{self._engine.config.max_num_seqs} + max_queue_size "
+                                f"{self._engine.config.max_queue_size})")
+
+    def _overloaded(self, detail: str) -> QueueFullError:
+        return QueueFullError(f"model '{self.context.name}' is overloaded: exceeds maximum queue size "
+                              f"({detail}); retry later")
+
+    @property
+    def healthy(self) -> bool:
+        return self._engine is not None and self._engine.healthy
+
+    @property
+    def failure(self) -> str | None:
+        return None if self._engine is None else self._engine.failure
 
     def stats(self) -> dict[str, Any]:
         return self._engine.stats() if self._engine is not None else {}
@@ -124,8 +152,11 @@ class LLMBackend(Backend):
         except ValueError as exc:
             job.fail(InferError.invalid(f"prompt: {exc}"))
             return
-        except RuntimeError:  # the engine stopped: this model is being unloaded
-            job.fail(InferError.unavailable(f"model '{self.context.name}' is being unloaded"))
+        except EngineOverloaded as exc:
+            job.fail(self._overloaded(str(exc)))
+            return
+        except EngineUnavailable as exc:  # unloading, or the engine gave up after faults
+            job.fail(InferError.unavailable(f"model '{self.context.name}' is unavailable: {exc}"))
             return
         job.add_cancel_callback(abort)  # the engine then ends the request with "abort"
         await reply.done
@@ -164,12 +195,23 @@ class _Reply:
 
     def _handle(self, output: StepOutput) -> None:
         if self.done.done():
-            return  # ended by a stop string; the engine's "abort" for it follows
+            return  # ended by a stop string or a fault; the engine's "abort" for it follows
+        try:
+            self._take(output)
+        except Exception as exc:  # a fault in this reply (detokenizer, stop strings) ends it alone
+            logger.exception("request '%s' of model '%s': building the reply failed",
+                             self._job.request.id, self._job.request.model_name)
+            self._abort()
+            if not self.done.done():
+                self._job.fail(InferError.internal(f"generation failed: {type(exc).__name__}: {exc}"))
+                self.done.set_result(None)
+
+    def _take(self, output: StepOutput) -> None:
         if output.new_token_ids:
             self._observe_tokens(len(output.new_token_ids))
         piece = self._text.add(output.new_token_ids)
         if output.finish_reason == "abort":
-            self._end_aborted(output.error)
+            self._end_aborted(output)
         elif self._text.stopped:
             self._abort()
             self._end("stop", output, piece)
@@ -207,13 +249,16 @@ class _Reply:
             },
         ))
 
-    def _end_aborted(self, engine_error: str | None) -> None:
-        if engine_error is not None:
-            error = InferError.internal(f"generation failed: {engine_error}")
+    def _end_aborted(self, output: StepOutput) -> None:
+        model = self._job.request.model_name
+        if output.engine_fault:
+            error = InferError.unavailable(f"model '{model}': {output.error}")
+        elif output.error is not None:
+            error = InferError.internal(f"generation failed: {output.error}")
         elif self._job.cancelled:
             error = InferError(ErrorCode.CANCELLED, "request was cancelled")
         else:
-            error = InferError.unavailable(f"model '{self._job.request.model_name}' is being unloaded")
+            error = InferError.unavailable(f"model '{model}' is being unloaded")
         self._job.fail(error)
         self.done.set_result(None)
 

@@ -146,24 +146,38 @@ def parse_chat_inputs(inputs: Mapping[str, np.ndarray]) -> ChatRequest:
     return chat
 
 
+#: Upper bounds of the numeric inputs (each refusal names the allowed range).
+TEMPERATURE_MAX = 100.0  # OpenAI allows 2; far beyond it every token is about as likely
+REPETITION_PENALTY_MAX = 100.0
+INT64_MAX = 2**63 - 1  # top_k and seed: what every dialect's integer (and torch) carries
+TOKENS_MAX = 2**31 - 1  # max_token, max_new_tokens, history_len (capped at the context anyway)
+
+
 def _check(chat: ChatRequest) -> None:
-    """Range checks, each naming its input."""
-    if chat.temperature < 0:
-        raise InferError.invalid(f"temperature must be >= 0 (0 = greedy), got {chat.temperature}")
+    """Range checks, each naming its input and the allowed range.
+
+    Legal values at the edge are the sampler's to handle: a temperature below
+    ``sampling.GREEDY_BELOW`` is greedy, a tiny top_p keeps the likeliest token,
+    a tiny repetition_penalty pushes logits to the float range's ends (never inf).
+    """
+    if not 0 <= chat.temperature <= TEMPERATURE_MAX:
+        raise InferError.invalid(
+            f"temperature must be in [0, {TEMPERATURE_MAX:g}] (0 = greedy), got {chat.temperature!r}")
     if not 0 < chat.top_p <= 1:
-        raise InferError.invalid(f"top_p must be in (0, 1], got {chat.top_p}")
-    if chat.top_k < 0:
-        raise InferError.invalid(f"top_k must be >= 0 (0 = no limit), got {chat.top_k}")
-    if chat.repetition_penalty <= 0:
-        raise InferError.invalid(f"repetition_penalty must be > 0, got {chat.repetition_penalty}")
-    if chat.history_len is not None and chat.history_len < 0:
-        raise InferError.invalid(f"history_len must be >= 0, got {chat.history_len}")
-    if chat.seed is not None and chat.seed < 0:
-        raise InferError.invalid(f"seed must be >= 0, got {chat.seed}")
-    if chat.max_token is not None and chat.max_token < 1:
-        raise InferError.invalid(f"max_token must be at least 1, got {chat.max_token}")
-    if chat.max_new_tokens is not None and chat.max_new_tokens < 1:
-        raise InferError.invalid(f"max_new_tokens must be at least 1, got {chat.max_new_tokens}")
+        raise InferError.invalid(f"top_p must be in (0, 1], got {chat.top_p!r}")
+    if not 0 <= chat.top_k <= INT64_MAX:
+        raise InferError.invalid(f"top_k must be in [0, {INT64_MAX}] (0 = no limit), got {chat.top_k}")
+    if not 0 < chat.repetition_penalty <= REPETITION_PENALTY_MAX:
+        raise InferError.invalid(
+            f"repetition_penalty must be in (0, {REPETITION_PENALTY_MAX:g}] (1 = none), "
+            f"got {chat.repetition_penalty!r}")
+    if chat.history_len is not None and not 0 <= chat.history_len <= TOKENS_MAX:
+        raise InferError.invalid(f"history_len must be in [0, {TOKENS_MAX}], got {chat.history_len}")
+    if chat.seed is not None and not 0 <= chat.seed <= INT64_MAX:
+        raise InferError.invalid(f"seed must be in [0, {INT64_MAX}], got {chat.seed}")
+    for name, value in (("max_token", chat.max_token), ("max_new_tokens", chat.max_new_tokens)):
+        if value is not None and not 1 <= value <= TOKENS_MAX:
+            raise InferError.invalid(f"{name} must be in [1, {TOKENS_MAX}], got {value}")
     if chat.raw and (chat.history or chat.system is not None):
         raise InferError.invalid(
             "raw: a raw prompt is the whole text, so history and system cannot be sent with it"

@@ -14,6 +14,13 @@ batch to drain.
 All calls from other threads (``add_request``, ``abort``, ``stats``) only touch
 the queue under a lock; the model, the KV cache and the prefix cache belong to
 the engine thread.
+
+Faults stay with the request that caused them: sampling answers per row (a NaN
+row fails its own sequence), a prefill that fails for a batch is retried one
+sequence at a time, and an exception that escapes the step loop ends every
+request in flight with the error and restarts the loop (``supervision.py``).
+The waiting queue is bounded (``max_queue_size``): beyond it ``add_request``
+raises :class:`EngineOverloaded` at once.
 """
 
 from __future__ import annotations
@@ -21,18 +28,22 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from triserve.backends.llm.faults import FaultInjection
 from triserve.backends.llm.model_runner import DTYPES, ModelRunner, PrefillChunk
 from triserve.backends.llm.prefix_cache import PrefixCache
 from triserve.backends.llm.quantization import QUANTIZATIONS
 from triserve.backends.llm.sampling import SamplingParams, SamplingRow, make_generator, sample
+from triserve.backends.llm.supervision import RestartPolicy
 
-__all__ = ["EngineConfig", "LLMEngine", "SamplingParams", "StepOutput"]
+__all__ = ["EngineConfig", "EngineOverloaded", "EngineUnavailable", "LLMEngine", "SamplingParams",
+           "StepOutput"]
 
 logger = logging.getLogger("triserve.llm.engine")
 
@@ -48,8 +59,18 @@ class EngineConfig:
     # new prompt tokens prefilled per step (at least one whole prompt): bounds the running
     # sequences' wait when many requests arrive at once
     max_prefill_tokens: int = 512
+    # requests waiting for a slot beyond the free ones; more are refused at once.
+    # None: 4 x max_num_seqs
+    max_queue_size: int | None = None
+    # test-only fault injection (faults.py); None: off
+    fault_nan_seed: int | None = None
+    fault_crash_seed: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_queue_size is None:
+            self.max_queue_size = 4 * self.max_num_seqs
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be at least 1, got {self.max_queue_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_model_len < 2:
@@ -67,9 +88,21 @@ class EngineConfig:
                              f"expected one of {', '.join(QUANTIZATIONS)}")
 
     @property
+    def faults(self) -> FaultInjection:
+        return FaultInjection(self.fault_nan_seed, self.fault_crash_seed)
+
+    @property
     def threads(self) -> int:
         """Leave one core to the server's event loop (a 2-core machine must stay responsive)."""
         return self.num_threads or max(1, (os.cpu_count() or 1) - 1)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine takes no requests: it is stopping, or it gave up after repeated faults."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full (``max_queue_size``): the request is refused, nothing queued."""
 
 
 @dataclass(slots=True)
@@ -82,6 +115,7 @@ class StepOutput:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     error: str | None = None  # set when the engine failed the request (finish_reason "abort")
+    engine_fault: bool = False  # the error is the engine's (it restarted or stopped), not the request's
 
 
 @dataclass(eq=False, slots=True)
@@ -123,8 +157,13 @@ class LLMEngine:
         self._inbox = _Inbox()
         self._running: list[_Sequence] = []  # _running[i].slot == i
         self._thread: threading.Thread | None = None
+        self._faults = config.faults
+        self._restart_policy = RestartPolicy()
+        self._restarting = False
+        self.failure: str | None = None  # why the engine gave up (set once, on the engine thread)
         self.generated_tokens_total = 0
         self.prompt_tokens_total = 0
+        self.refused_total = 0  # requests refused because the waiting queue was full
 
     # --- called from any thread -------------------------------------------------------------
 
@@ -151,12 +190,29 @@ class LLMEngine:
                              SamplingRow(params, make_generator(params.seed), prompt))
         with self._lock:
             if self._inbox.stopping:
-                raise RuntimeError("the LLM engine is stopped")
+                raise EngineUnavailable(self.failure or "the LLM engine is stopped")
             if request_id in self._inbox.request_ids:
                 raise ValueError(f"request id '{request_id}' is already in the engine")
+            self._check_room()
             self._inbox.request_ids.add(request_id)
             self._inbox.waiting.append(sequence)
             self._lock.notify()
+
+    def _check_room(self) -> None:
+        """Refuse a request the waiting queue has no room for (called under the lock)."""
+        free_slots = max(0, self.config.max_num_seqs - len(self._running))
+        if len(self._inbox.waiting) >= free_slots + self.config.max_queue_size:
+            self.refused_total += 1
+            raise EngineOverloaded(
+                f"{len(self._running)} sequences running and {len(self._inbox.waiting)} waiting "
+                f"(max_num_seqs {self.config.max_num_seqs}, max_queue_size {self.config.max_queue_size})")
+
+    @property
+    def healthy(self) -> bool:
+        """The engine thread runs and takes requests (False while it restarts after a fault)."""
+        thread = self._thread
+        return (thread is not None and thread.is_alive() and not self._restarting
+                and self.failure is None and not self._inbox.stopping)
 
     def abort(self, request_id: str) -> None:
         """Finish the request with "abort" at the next step (no-op if it already finished)."""
@@ -178,6 +234,8 @@ class LLMEngine:
             "kv_cache_bytes_allocated": self.kv_cache.bytes_allocated,
             "generated_tokens_total": self.generated_tokens_total,
             "prompt_tokens_total": self.prompt_tokens_total,
+            "refused_total": self.refused_total,
+            "engine_restarts_total": self._restart_policy.restarts,
         }
 
     def _check_prompt(self, prompt: list[int]) -> None:
@@ -195,18 +253,67 @@ class LLMEngine:
     # --- the engine thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The thread: the step loop, restarted after a fault that escapes it."""
         torch.set_num_threads(self.config.threads)
-        with torch.inference_mode():
-            while (work := self._next_work()) is not None:
-                candidates, aborted = work
-                for sequence in aborted:
-                    self._finish(sequence, "abort", [])
-                admitted = self._admit(candidates)
-                if admitted:
-                    self._guarded(admitted, self._prefill, admitted)
-                if self._running:
-                    self._guarded(list(self._running), self._decode)
-            self._drain()
+        while True:
+            try:
+                with torch.inference_mode():
+                    self._loop()
+                return
+            except BaseException as exc:  # noqa: BLE001 - the thread must never die silently
+                if not self._recover(exc):
+                    return
+
+    def _loop(self) -> None:
+        while (work := self._next_work()) is not None:
+            candidates, aborted = work
+            for sequence in aborted:
+                self._finish(sequence, "abort", [])
+            admitted = self._admit(candidates)
+            if admitted:
+                self._faults.crash_on_admission([s.params for s in admitted])
+                self._guarded(admitted, self._prefill, admitted)
+            if self._running:
+                self._guarded(list(self._running), self._decode)
+        self._drain()
+
+    def _recover(self, exc: BaseException) -> bool:
+        """After a fault escaped the loop: end every request in flight with the error, start
+        over on fresh caches after a backoff; False when the engine gives up (too many faults)."""
+        self._restarting = True
+        logger.error("LLM engine failed", exc_info=exc)
+        reason = f"{type(exc).__name__}: {exc}"
+        backoff = self._restart_policy.next_backoff()
+        with self._lock:
+            waiting = list(self._inbox.waiting)
+            self._inbox.waiting.clear()
+            self._inbox.aborts.clear()
+            if backoff is None:
+                policy = self._restart_policy
+                self.failure = (f"the LLM engine failed {policy.max_restarts + 1} times within "
+                                f"{policy.window_s:g} s and stopped; last error: {reason}")
+                self._inbox.stopping = True
+        in_flight = list(self._running) + waiting
+        self._running = []  # the slots' state is unknown after a fault: start from empty caches
+        self.kv_cache = self.runner.new_kv_cache(self.config.max_num_seqs)
+        self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
+        error = f"the LLM engine failed ({reason}); " + (
+            "it stopped" if backoff is None else "it restarts")
+        for sequence in in_flight:
+            sequence.finished = True
+            sequence.slot = -1
+            with self._lock:
+                self._inbox.request_ids.discard(sequence.request_id)
+            self._deliver(sequence, StepOutput([], True, "abort", sequence.prompt_tokens,
+                                               sequence.cached_tokens, error, engine_fault=True))
+        if backoff is None:
+            logger.error("%s", self.failure)
+            return False
+        logger.warning("LLM engine restarts in %.1f s (%d restart(s) so far); %d request(s) in "
+                       "flight were ended", backoff, self._restart_policy.restarts, len(in_flight))
+        time.sleep(backoff)
+        self._restarting = False
+        return True
 
     def _next_work(self) -> tuple[list[_Sequence], list[_Sequence]] | None:
         """Wait until there is something to do; take the aborted sequences and the waiting ones
@@ -265,13 +372,38 @@ class LLMEngine:
         self._running.append(sequence)
 
     def _prefill(self, sequences: list[_Sequence]) -> None:
-        chunks = [PrefillChunk(s.slot, s.token_ids[s.cached_tokens:], s.cached_tokens) for s in sequences]
-        logits = self.runner.prefill(self.kv_cache, chunks)
+        try:
+            logits = self.runner.prefill(self.kv_cache, self._chunks(sequences))
+        except Exception:
+            if len(sequences) == 1:
+                raise
+            # find the sequence that fails: each on its own (a prefill rewrites the same KV
+            # positions, so the retry is exact); one that fails alone fails alone
+            logger.exception("LLM engine: a prefill of %d sequences failed; retrying one by one",
+                             len(sequences))
+            for sequence in sequences:
+                self._guarded([sequence], self._prefill, [sequence])
+            return
         for sequence in sequences:
             sequence.kv_length = len(sequence.token_ids)
             self.prompt_tokens_total += sequence.prompt_tokens
+        self._sample_and_advance(sequences, logits)
+
+    @staticmethod
+    def _chunks(sequences: list[_Sequence]) -> list[PrefillChunk]:
+        return [PrefillChunk(s.slot, s.token_ids[s.cached_tokens:], s.cached_tokens) for s in sequences]
+
+    def _sample_and_advance(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+        """Each sequence's next token; a row that cannot be sampled fails only its sequence."""
+        if self._faults.enabled:
+            self._faults.poison_logits(logits, [s.params for s in sequences])
         for sequence, token in zip(sequences, sample(logits, [s.sampling for s in sequences])):
-            self._advance(sequence, token)
+            if isinstance(token, Exception):
+                logger.error("request '%s': sampling failed: %s: %s", sequence.request_id,
+                             type(token).__name__, token)
+                self._finish(sequence, "abort", [], error=f"sampling failed: {type(token).__name__}: {token}")
+            else:
+                self._advance(sequence, token)
 
     def _decode(self) -> None:
         batch = list(self._running)
@@ -280,8 +412,7 @@ class LLMEngine:
         logits = self.runner.decode(self.kv_cache, [s.token_ids[-1] for s in batch], positions)
         for sequence in batch:
             sequence.kv_length += 1
-        for sequence, token in zip(batch, sample(logits, [s.sampling for s in batch])):
-            self._advance(sequence, token)
+        self._sample_and_advance(batch, logits)
 
     def _advance(self, sequence: _Sequence, token: int) -> None:
         """Take one sampled token: deliver it, or finish the sequence."""

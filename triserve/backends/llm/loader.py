@@ -29,7 +29,8 @@ from triserve.cache import cache_dir, file_sha256
 
 _PACKAGE_PREFIX = "package:"
 _PARAMETERS = ("model", "dtype", "quantization", "max_num_seqs", "max_model_len",
-               "max_prefill_tokens", "prefix_cache_mb", "num_threads", "trust_remote_code")
+               "max_prefill_tokens", "max_queue_size", "prefix_cache_mb", "num_threads",
+               "trust_remote_code", "fault_nan_seed", "fault_crash_seed")
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,13 @@ class LLMSettings:
             max_num_seqs=integer("max_num_seqs", defaults.max_num_seqs),
             max_model_len=integer("max_model_len", defaults.max_model_len),
             max_prefill_tokens=integer("max_prefill_tokens", defaults.max_prefill_tokens),
+            max_queue_size=integer("max_queue_size", None),
             prefix_cache_bytes=prefix_cache_mb << 20,
             num_threads=integer("num_threads", defaults.num_threads),
             dtype=resolve_dtype(values.get("dtype") or defaults.dtype),
             quantization=values.get("quantization") or defaults.quantization,
+            fault_nan_seed=integer("fault_nan_seed", None),
+            fault_crash_seed=integer("fault_crash_seed", None),
         )
         return cls(resolve_model_path(values["model"], model_dir), engine, trust == "true")
 

@@ -30,6 +30,8 @@ _COUNTERS = (
     ("triserve_llm_generation_tokens", "generated_tokens_total", "Tokens generated"),
     ("triserve_llm_prefix_cache_queries", "prefix_cache_queries", "Prompts looked up in the prefix cache"),
     ("triserve_llm_prefix_cache_hits", "prefix_cache_hits", "Prompts that reused a cached prefix"),
+    ("triserve_llm_engine_restarts", "engine_restarts_total",
+     "Restarts of the engine thread after a fault escaped its step loop"),
 )
 
 _TIME_TO_FIRST_TOKEN = Histogram(

@@ -4,15 +4,31 @@ Greedy rows take the argmax; sampling rows share one temperature / top-k /
 top-p pass over the sorted batch, and each draws with its own
 ``torch.Generator`` so that a request with a seed is reproducible whatever else
 runs beside it.
+
+One row never fails another: a row whose logits are NaN, or whose draw raises,
+gets its exception in place of a token and the other rows are sampled as
+usual. Values at the edge of their range are handled numerically: a
+temperature below :data:`GREEDY_BELOW` is greedy, the likeliest token always
+survives top-p and top-k, and logits pushed beyond the float range by a
+repetition penalty or a tiny temperature are clamped to its ends (never inf).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+#: Temperatures below this sample greedily (the limit of temperature -> 0), as in vLLM:
+#: dividing logits by 1e-40 would overflow float32 into inf and NaN probabilities.
+GREEDY_BELOW = 1e-5
+
+
+class NaNLogitsError(ArithmeticError):
+    """The model produced NaN logits for a row (a numerical fault of the forward pass)."""
 
 
 @dataclass
@@ -30,14 +46,14 @@ class SamplingParams:
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            problems.append(f"temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0, got {self.top_k}")
-        if not self.repetition_penalty > 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.top_k < 2**63:
+            problems.append(f"top_k must be in [0, 2**63 - 1], got {self.top_k}")
+        if not 0 < self.repetition_penalty < math.inf:
+            problems.append(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             problems.append(f"seed must be a 64-bit integer, got {self.seed}")
         if problems:
@@ -45,7 +61,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(slots=True)
@@ -62,17 +78,53 @@ def make_generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
-    """One token per row of ``logits`` ([batch, vocab], float32; modified in place)."""
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int | Exception]:
+    """One token per row of ``logits`` ([batch, vocab], float32; left unmodified).
+
+    A row that cannot be sampled gets its exception instead of a token; the
+    other rows are unaffected (if the batched pass itself fails, each row is
+    sampled on its own, so the fault stays with the row that caused it).
+    """
+    try:
+        return _sample(logits, rows)
+    except Exception as exc:
+        if len(rows) == 1:
+            return [exc]
+    results: list[int | Exception] = []
     for i, row in enumerate(rows):
-        if row.params.repetition_penalty != 1.0:
-            _apply_repetition_penalty(logits[i], row.token_ids, row.params.repetition_penalty)
+        try:
+            results.append(_sample(logits[i : i + 1], [row])[0])
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int | Exception]:
+    results: list[int | Exception] = [0] * len(rows)
+    nan_rows = set(torch.isnan(logits).any(dim=-1).nonzero().flatten().tolist())
+    for i in nan_rows:
+        results[i] = NaNLogitsError("the model produced NaN logits")
+    penalized = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0 and i not in nan_rows]
+    if penalized:
+        logits = logits.clone()
+        for i in penalized:
+            _apply_repetition_penalty(logits[i], rows[i].token_ids, rows[i].params.repetition_penalty)
+        logits = _finite(logits)
     chosen = logits.argmax(dim=-1).tolist()
-    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
-    if sampled:
-        for i, token in zip(sampled, _sample_rows(logits[sampled], [rows[i] for i in sampled])):
-            chosen[i] = token
-    return chosen
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy and i not in nan_rows]
+    drawn = _sample_rows(logits[sampled], [rows[i] for i in sampled]) if sampled else []
+    for i, token in zip(sampled, drawn):
+        chosen[i] = token
+    for i in range(len(rows)):
+        if i not in nan_rows:
+            results[i] = chosen[i]
+    return results
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """inf pushed to the float range's ends, so that softmax stays a distribution."""
+    info = torch.finfo(logits.dtype)
+    return torch.nan_to_num(logits, nan=info.min, posinf=info.max, neginf=info.min)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> None:
@@ -82,21 +134,25 @@ def _apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalt
     logits[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
 
 
-def _sample_rows(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
+def _sample_rows(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int | Exception]:
     vocab = logits.shape[-1]
     temperature = torch.tensor([row.params.temperature for row in rows], dtype=logits.dtype)
-    top_k = torch.tensor([row.params.top_k or vocab for row in rows])
+    # top_k beyond the vocabulary (up to 2**63 - 1) is no limit
+    top_k = torch.tensor([min(row.params.top_k, vocab) or vocab for row in rows])
     top_p = torch.tensor([row.params.top_p for row in rows], dtype=logits.dtype)
-    sorted_logits, order = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
+    sorted_logits, order = torch.sort(_finite(logits / temperature[:, None]), dim=-1, descending=True)
     ranks = torch.arange(vocab)
     probs = torch.softmax(sorted_logits, dim=-1)
-    # a token is kept if it is within top-k and the mass before it is below top-p
-    # (so the most likely token always survives)
+    # a token is kept if it is within top-k and the mass before it is below top-p; the most
+    # likely token always survives (a top_p of 1e-300 is 0 in float32)
     mass_before = probs.cumsum(dim=-1) - probs
-    keep = (ranks[None, :] < top_k[:, None]) & (mass_before < top_p[:, None])
+    keep = ((ranks[None, :] < top_k[:, None]) & (mass_before < top_p[:, None])) | (ranks[None, :] == 0)
     probs = torch.where(keep, probs, 0.0)
-    tokens = []
+    tokens: list[int | Exception] = []
     for i, row in enumerate(rows):
-        pick = torch.multinomial(probs[i], 1, generator=row.generator)
-        tokens.append(int(order[i, pick]))
+        try:
+            pick = torch.multinomial(probs[i], 1, generator=row.generator)
+            tokens.append(int(order[i, pick]))
+        except Exception as exc:  # this row alone
+            tokens.append(exc)
     return tokens
