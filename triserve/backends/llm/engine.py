@@ -395,8 +395,6 @@ class LLMEngine:
 
     def _sample_and_advance(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
         """Each sequence's next token; a row that cannot be sampled fails only its sequence."""
-        if self._faults.enabled:
-            self._faults.poison_logits(logits, [s.params for s in sequences])
         for sequence, token in zip(sequences, sample(logits, [s.sampling for s in sequences])):
             if isinstance(token, Exception):
                 logger.error("request '%s': sampling failed: %s: %s", sequence.request_id,
@@ -412,6 +410,8 @@ class LLMEngine:
         logits = self.runner.decode(self.kv_cache, [s.token_ids[-1] for s in batch], positions)
         for sequence in batch:
             sequence.kv_length += 1
+        if self._faults.enabled:
+            self._faults.poison_logits(logits, [s.params for s in batch])
         self._sample_and_advance(batch, logits)
 
     def _advance(self, sequence: _Sequence, token: int) -> None:

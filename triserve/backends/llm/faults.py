@@ -24,7 +24,8 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class FaultInjection:
-    #: a request with this seed gets NaN logits at every step (a numerical fault of its row)
+    #: a request with this seed gets NaN logits in its decode steps (after its first token), so
+    #: that its row fails inside a step it shares with every running sequence
     nan_seed: int | None = None
     #: admitting a request with this seed raises out of the engine's step loop (the thread's fault)
     crash_seed: int | None = None
@@ -34,7 +35,7 @@ class FaultInjection:
         return self.nan_seed is not None or self.crash_seed is not None
 
     def poison_logits(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
-        """Set the rows of requests seeded ``nan_seed`` to NaN (in place)."""
+        """Set the rows of a decode step's requests seeded ``nan_seed`` to NaN (in place)."""
         if self.nan_seed is None:
             return
         for row, sampling in enumerate(params):
