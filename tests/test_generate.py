@@ -8,7 +8,7 @@ import time
 
 import pytest
 import requests
-from test_llm_server import MODEL as CHAT_MODEL, llm_metrics
+from test_llm_server import MODEL as CHAT_MODEL, assert_generation_stopped, generation_counters, llm_metrics
 
 
 def post(server, model: str, endpoint: str, document, **kwargs) -> requests.Response:
@@ -117,20 +117,28 @@ def test_client_leaving_a_stream_stops_the_model_and_keeps_the_server_serving(co
 
 
 def test_client_leaving_a_unary_generate_cancels_the_generation(chat_server):
-    before = llm_metrics(chat_server)["triserve_llm_generation_tokens_total"]
+    before = generation_counters(chat_server)
     connection = http.client.HTTPConnection("127.0.0.1", chat_server.http_port, timeout=30)
     try:
         connection.request("POST", f"/v2/models/{CHAT_MODEL}/generate",
                            json.dumps({"prompt": "Write a very long story about a dragon.",
                                        "max_new_tokens": 1500}),
                            {"Content-Type": "application/json"})
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while llm_metrics(chat_server)["triserve_llm_generation_tokens_total"] == before[0]:
+            assert time.monotonic() < deadline, "generation never started"
+            time.sleep(0.05)
         assert llm_metrics(chat_server)["triserve_llm_running_sequences"] == 1
     finally:
         connection.close()  # the client gives up without reading the answer
-    deadline = time.monotonic() + 10
-    while llm_metrics(chat_server)["triserve_llm_running_sequences"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    metrics = llm_metrics(chat_server)
-    assert metrics["triserve_llm_running_sequences"] == 0
-    assert metrics["triserve_llm_generation_tokens_total"] - before < 1000
+    assert_generation_stopped(chat_server, before, 1500)
+
+
+def test_client_leaving_a_generate_stream_cancels_the_generation(chat_server):
+    before = generation_counters(chat_server)
+    with requests.post(f"{chat_server.base_url}/v2/models/{CHAT_MODEL}/generate_stream", stream=True,
+                       json={"prompt": "Write a very long story about a dragon.", "max_new_tokens": 1500},
+                       timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line).startswith(b"data: ")
+    assert_generation_stopped(chat_server, before, 1500)

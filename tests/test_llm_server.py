@@ -162,22 +162,53 @@ def test_second_turn_reuses_the_prefix_cache(client):
     assert cached < parameters(second)["prompt_tokens"]
 
 
-def test_cancelling_a_stream_frees_its_slot(client, chat_server):
-    generated_before = llm_metrics(chat_server)["triserve_llm_generation_tokens_total"]
-    responses = stream(client, chat_inputs("Write a long story about a dragon.", max_new_tokens="400",
-                                           stream="true"), cancel_after=3)
-    assert len(responses) == 3
+def cancelled_requests(chat_server) -> float:
+    """``nv_inference_request_failure{reason="CANCELED"}`` of the chat model."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{chat_server.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name.startswith("nv_inference_request_failure") and sample.labels.get("model") == MODEL
+               and sample.labels.get("reason") == "CANCELED")
+
+
+def generation_counters(chat_server) -> tuple[float, float]:
+    """(tokens generated, requests cancelled) so far: take it before the request."""
+    return llm_metrics(chat_server)["triserve_llm_generation_tokens_total"], cancelled_requests(chat_server)
+
+
+def assert_generation_stopped(chat_server, before: tuple[float, float], requested: int) -> None:
+    """The client went away and the engine really stopped: the request ended as cancelled (not by
+    finishing its reply), no sequence runs, its slot is given back, the generated-token counter
+    stays still, and far fewer than the ``requested`` tokens were generated."""
     deadline = time.monotonic() + 10
     while llm_metrics(chat_server)["triserve_llm_running_sequences"] and time.monotonic() < deadline:
         time.sleep(0.05)
     metrics = llm_metrics(chat_server)
-    assert metrics["triserve_llm_running_sequences"] == 0
-    assert metrics["triserve_llm_generation_tokens_total"] - generated_before < 400
+    assert metrics["triserve_llm_running_sequences"] == 0, "the sequence still runs: nothing was cancelled"
+    assert metrics["triserve_llm_waiting_sequences"] == 0
+    assert metrics["triserve_llm_kv_cache_bytes_in_use"] == 0, "the slot was not given back"
+    deadline = time.monotonic() + 10
+    while cancelled_requests(chat_server) == before[1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancelled_requests(chat_server) == before[1] + 1, "the request was not ended as cancelled"
+    generated = metrics["triserve_llm_generation_tokens_total"]
+    time.sleep(1.0)  # a live sequence makes >= 10 tokens in a second, even on a loaded machine
+    assert llm_metrics(chat_server)["triserve_llm_generation_tokens_total"] == generated, \
+        "tokens are still being generated after the client went away"
+    assert generated - before[0] < requested // 2
+
+
+def test_cancelling_a_stream_stops_the_generation(client, chat_server):
+    before = generation_counters(chat_server)
+    responses = stream(client, chat_inputs("Write a long story about a dragon.", max_new_tokens="1900",
+                                           stream="true"), cancel_after=3)
+    assert len(responses) == 3
+    assert_generation_stopped(chat_server, before, 1900)
 
 
 @pytest.mark.parametrize("values, message", [
     ({"history": ["only a question"]}, "history has 1 elements"),
-    ({"temperature": "-1"}, "temperature must be >= 0"),
+    ({"temperature": "-1"}, "temperature must be in [0, 100] (0 = greedy), got -1.0"),
     ({"top_p": "0"}, "top_p must be in (0, 1]"),
     ({"top_p": "1.5"}, "top_p must be in (0, 1]"),
     ({"max_token": "abc"}, "max_token: 'abc' is not an integer"),

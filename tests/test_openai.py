@@ -14,6 +14,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_openai import ChatOpenAI
 
 from conftest import DEFAULT_CHAT_MODEL
+from test_llm_server import assert_generation_stopped, generation_counters, llm_metrics
 
 MODEL = DEFAULT_CHAT_MODEL
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -231,3 +232,24 @@ def test_server_keeps_serving_after_errors_and_a_dropped_stream(http, client):
                 break  # drop the connection mid-generation
     completion = greedy(client, HELLO, max_tokens=2)
     assert completion.usage.completion_tokens == 2
+
+
+LONG_STORY = [{"role": "user", "content": "Write a very long story about a dragon."}]
+
+
+def test_client_timeout_stops_the_generation(base_url, chat_server):
+    """The openai client gives up (its timeout): the server stops generating for it."""
+    before = generation_counters(chat_server)
+    with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=3) as impatient:
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(model=MODEL, messages=LONG_STORY, max_tokens=1800)
+    assert_generation_stopped(chat_server, before, 1800)
+
+
+def test_closing_a_stream_stops_the_generation(client, chat_server):
+    before = generation_counters(chat_server)
+    chunks = client.chat.completions.create(model=MODEL, messages=LONG_STORY, max_tokens=1800, stream=True)
+    for _, _chunk in zip(range(3), chunks):
+        pass
+    chunks.close()  # the client goes away mid-stream
+    assert_generation_stopped(chat_server, before, 1800)
