@@ -68,7 +68,7 @@ class InferError(Exception):
 class QueueFullError(InferError):
     """A request refused at once because a bounded queue is full (Triton's "Exceeds maximum
     queue size"): UNAVAILABLE (HTTP 503, gRPC UNAVAILABLE), so a client may retry later.
-    OpenAI routes answer it as 429, as OpenAI does when it is overloaded."""
+    A frontend may give it its own overload status (OpenAI answers 429)."""
 
     def __init__(self, message: str):
         super().__init__(ErrorCode.UNAVAILABLE, message)

@@ -106,6 +106,8 @@ class LLMBackend(Backend):
     @property
     def capacity(self) -> int:
         """Requests the engine holds: running sequences and the bounded waiting queue."""
+        if self._engine is None:
+            return 0  # not loaded: nothing runs
         config = self._engine.config
         return config.max_num_seqs + config.max_queue_size
 
