@@ -35,7 +35,7 @@ from triserve.backends.llm.engine import (EngineConfig, EngineOverloaded, Engine
 from triserve.backends.llm.sampling import SamplingRow, make_generator, sample
 from triserve.backends.llm.supervision import RestartPolicy
 
-NAN_SEED, CRASH_SEED = 4242, 4343
+NAN_SEED, CRASH_SEED, PREFILL_SEED = 4242, 4343, 4444
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,22 @@ def test_a_failing_row_fails_only_its_request(model, make_engine):
     assert late.final.error and running.final.finish_reason == "length"
     assert running.tokens == hf_greedy(model, PROMPTS[4], 60)
     assert idle(engine) and engine.stats()["engine_restarts_total"] == 0
+
+
+def test_a_prefill_that_fails_for_a_batch_is_retried_one_prompt_at_a_time(model, make_engine, caplog):
+    """Three prompts admitted in one step, prefilled together; the prefill raises because of one
+    of them (the fault-injection parameter): each is retried alone, only that one fails."""
+    engine = make_engine(max_num_seqs=4, fault_prefill_seed=PREFILL_SEED)
+    with engine._lock:  # (reentrant) the engine thread sees all three at once: one admission, one prefill
+        batch = [submit(engine, "a", PROMPTS[0]), submit(engine, "bad", PROMPTS[1], seed=PREFILL_SEED),
+                 submit(engine, "c", PROMPTS[2])]
+    assert batch[1].final.finish_reason == "abort" and "InjectedFault" in batch[1].final.error
+    assert batch[1].tokens == []
+    for index in (0, 2):
+        assert batch[index].final.finish_reason == "length"
+        assert batch[index].tokens == hf_greedy(model, PROMPTS[index], 12)
+    assert idle(engine) and engine.stats()["engine_restarts_total"] == 0
+    assert "a prefill of 3 sequences failed; retrying one by one" in caplog.text
 
 
 # --- supervision --------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ class EngineConfig:
     # test-only fault injection (faults.py); None: off
     fault_nan_seed: int | None = None
     fault_crash_seed: int | None = None
+    fault_prefill_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_queue_size is None:
@@ -89,7 +90,7 @@ class EngineConfig:
 
     @property
     def faults(self) -> FaultInjection:
-        return FaultInjection(self.fault_nan_seed, self.fault_crash_seed)
+        return FaultInjection(self.fault_nan_seed, self.fault_crash_seed, self.fault_prefill_seed)
 
     @property
     def threads(self) -> int:
@@ -373,6 +374,8 @@ class LLMEngine:
 
     def _prefill(self, sequences: list[_Sequence]) -> None:
         try:
+            if self._faults.enabled:
+                self._faults.fail_prefill([s.params for s in sequences])
             logits = self.runner.prefill(self.kv_cache, self._chunks(sequences))
         except Exception:
             if len(sequences) == 1:

@@ -30,7 +30,7 @@ from triserve.cache import cache_dir, file_sha256
 _PACKAGE_PREFIX = "package:"
 _PARAMETERS = ("model", "dtype", "quantization", "max_num_seqs", "max_model_len",
                "max_prefill_tokens", "max_queue_size", "prefix_cache_mb", "num_threads",
-               "trust_remote_code", "fault_nan_seed", "fault_crash_seed")
+               "trust_remote_code", "fault_nan_seed", "fault_prefill_seed", "fault_crash_seed")
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class LLMSettings:
             quantization=values.get("quantization") or defaults.quantization,
             fault_nan_seed=integer("fault_nan_seed", None),
             fault_crash_seed=integer("fault_crash_seed", None),
+            fault_prefill_seed=integer("fault_prefill_seed", None),
         )
         return cls(resolve_model_path(values["model"], model_dir), engine, trust == "true")
 
