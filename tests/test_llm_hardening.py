@@ -485,3 +485,20 @@ def test_overload_every_request_is_answered_served_or_refused_at_once(fault_serv
                     if line.startswith("nv_inference_request_failure") and 'reason="REJECTED"' in line
                     and f'model="{MODEL}"' in line]
     assert rejected and float(rejected[0].split()[-1]) >= refused
+
+
+@pytest.mark.slow
+def test_an_engine_that_keeps_failing_stops_taking_requests_with_the_reason(fault_server):
+    """Runs last on this server: it leaves the engine given up."""
+    with grpcclient.InferenceServerClient(fault_server.grpc_url) as client:
+        for _ in range(5):
+            status, message = infer_error(client, seed=str(CRASH_SEED))
+            assert status == "StatusCode.UNAVAILABLE" and "InjectedFault" in message
+            if "it stopped" in message:
+                break
+        assert "it stopped" in message, message
+        status, message = infer_error(client, max_new_tokens="2")
+    assert status == "StatusCode.UNAVAILABLE"
+    assert f"model '{MODEL}' is unavailable: the LLM engine failed 4 times within 60 s and stopped" in message
+    assert "last error: InjectedFault" in message
+    assert fault_server.proc.poll() is None and "and stopped; last error" in fault_server.log()
