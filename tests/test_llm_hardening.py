@@ -117,12 +117,6 @@ def test_a_failing_row_fails_only_its_request(model, make_engine):
     for prompt, collector in zip(PROMPTS, good):
         assert collector.final.finish_reason == "length" and collector.final.error is None
         assert collector.tokens == hf_greedy(model, prompt, 20)
-    # and a bad request joining running ones mid-generation
-    running = submit(engine, "running", PROMPTS[4], max_new_tokens=60)
-    assert running.first_token.wait(60)
-    late = submit(engine, "late", PROMPTS[0], seed=NAN_SEED)
-    assert late.final.error and running.final.finish_reason == "length"
-    assert running.tokens == hf_greedy(model, PROMPTS[4], 60)
     assert idle(engine) and engine.stats()["engine_restarts_total"] == 0
 
 
