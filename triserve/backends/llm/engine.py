@@ -262,7 +262,15 @@ class LLMEngine:
                     self._loop()
                 return
             except BaseException as exc:  # noqa: BLE001 - the thread must never die silently
-                if not self._recover(exc):
+                try:
+                    if not self._recover(exc):
+                        return
+                except BaseException as second:  # noqa: BLE001 - e.g. no memory for fresh caches
+                    logger.critical("LLM engine could not recover", exc_info=second)
+                    with self._lock:
+                        self.failure = (f"the LLM engine failed ({type(exc).__name__}: {exc}) and could "
+                                        f"not restart ({type(second).__name__}: {second})")
+                        self._inbox.stopping = True
                     return
 
     def _loop(self) -> None:
@@ -295,9 +303,7 @@ class LLMEngine:
                                 f"{policy.window_s:g} s and stopped; last error: {reason}")
                 self._inbox.stopping = True
         in_flight = list(self._running) + waiting
-        self._running = []  # the slots' state is unknown after a fault: start from empty caches
-        self.kv_cache = self.runner.new_kv_cache(self.config.max_num_seqs)
-        self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
+        self._running = []
         error = f"the LLM engine failed ({reason}); " + (
             "it stopped" if backoff is None else "it restarts")
         for sequence in in_flight:
@@ -307,6 +313,9 @@ class LLMEngine:
                 self._inbox.request_ids.discard(sequence.request_id)
             self._deliver(sequence, StepOutput([], True, "abort", sequence.prompt_tokens,
                                                sequence.cached_tokens, error, engine_fault=True))
+        # the slots' state is unknown after a fault: start over from empty caches
+        self.kv_cache = self.runner.new_kv_cache(self.config.max_num_seqs)
+        self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         if backoff is None:
             logger.error("%s", self.failure)
             return False
