@@ -10,9 +10,7 @@ documented, off-by-default fault-injection parameters (``fault_nan_seed``,
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
-import shutil
 import threading
 import time
 import urllib.request
@@ -27,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import DEFAULT_REPOSITORY
 from serverproc import ServerProcess
-from test_llm_engine import PROMPTS, Collector, hf_greedy, submit, tiny_model
+from test_llm_engine import PROMPTS, hf_greedy, submit, tiny_model
 from test_llm_server import MODEL, chat_inputs, llm_metrics, parameters, texts
 
 from triserve.backends.llm.engine import (EngineConfig, EngineOverloaded, EngineUnavailable, LLMEngine,

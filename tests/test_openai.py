@@ -14,7 +14,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_openai import ChatOpenAI
 
 from conftest import DEFAULT_CHAT_MODEL
-from test_llm_server import assert_generation_stopped, generation_counters, llm_metrics
+from test_llm_server import assert_generation_stopped, generation_counters
 
 MODEL = DEFAULT_CHAT_MODEL
 HELLO = [{"role": "user", "content": "Hello"}]
