@@ -304,6 +304,11 @@ class LLMEngine:
                 self._inbox.stopping = True
         in_flight = list(self._running) + waiting
         self._running = []
+        if backoff is None:
+            logger.error("%s", self.failure)
+        else:
+            logger.warning("LLM engine restarts in %.1f s (%d restart(s) so far); %d request(s) in "
+                           "flight are ended", backoff, self._restart_policy.restarts, len(in_flight))
         error = f"the LLM engine failed ({reason}); " + (
             "it stopped" if backoff is None else "it restarts")
         for sequence in in_flight:
@@ -317,10 +322,7 @@ class LLMEngine:
         self.kv_cache = self.runner.new_kv_cache(self.config.max_num_seqs)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         if backoff is None:
-            logger.error("%s", self.failure)
             return False
-        logger.warning("LLM engine restarts in %.1f s (%d restart(s) so far); %d request(s) in "
-                       "flight were ended", backoff, self._restart_policy.restarts, len(in_flight))
         time.sleep(backoff)
         self._restarting = False
         return True
