@@ -343,6 +343,18 @@ class Stream:
         return "".join(texts(r, "response")[0] for r in self.responses if r.as_numpy("response") is not None)
 
 
+def http_status(url: str) -> int:
+    return httpx.get(url, timeout=30).status_code
+
+
+def wait_model_ready(server, timeout: float = 30) -> None:
+    """The model's readiness follows the engine: false while it restarts after a fault."""
+    deadline = time.monotonic() + timeout
+    while http_status(f"{server.base_url}/v2/models/{MODEL}/ready") != 200:
+        assert time.monotonic() < deadline, f"the model is not ready again after {timeout} s"
+        time.sleep(0.02)
+
+
 def running_sequences(server) -> float:
     return llm_metrics(server)["triserve_llm_running_sequences"]
 
@@ -396,7 +408,8 @@ def test_an_engine_fault_fails_every_request_in_flight_at_once_and_the_engine_re
         assert f"model '{MODEL}': the LLM engine failed (InjectedFault" in str(stream.error)
     print(f"in-flight requests failed {time.monotonic() - started:.2f} s after the fault request")
     assert all(len(stream.responses) < 1000 for stream in running)
-    # the engine restarted: the next request is served, from empty caches
+    # the engine restarted: the model is ready again and the next request is served
+    wait_model_ready(fault_server)
     with grpcclient.InferenceServerClient(fault_server.grpc_url) as client:
         result = client.infer(MODEL, chat_inputs("Name a color.", max_new_tokens="4"))
     assert texts(result, "response")[0].strip()
@@ -458,10 +471,10 @@ def test_overload_every_request_is_answered_served_or_refused_at_once(fault_serv
     assert served + refused == len(responses), sorted(set(statuses))
     for response in responses:
         if response.status_code == 503:
-            assert "exceeds maximum queue size" in response.json()["error"]
+            assert response.json()["error"].startswith(f"Exceeds maximum queue size: model '{MODEL}' is overloaded")
             assert f"max_queue_size {MAX_QUEUE_SIZE}" in response.json()["error"]
     grpc_errors = [a for a in grpc_answers if isinstance(a, Exception)]
-    assert all(e.status() == "StatusCode.UNAVAILABLE" and "exceeds maximum queue size" in e.message()
+    assert all(e.status() == "StatusCode.UNAVAILABLE" and "Exceeds maximum queue size" in e.message()
                for e in grpc_errors), {e.status() for e in grpc_errors}
     assert served + 100 - len(grpc_errors) >= MAX_NUM_SEQS and refused > 0
     rss_after = server_rss_mb(fault_server)
@@ -484,6 +497,7 @@ def test_an_engine_that_keeps_failing_stops_taking_requests_with_the_reason(faul
     """Runs last on this server: it leaves the engine given up."""
     with grpcclient.InferenceServerClient(fault_server.grpc_url) as client:
         for _ in range(5):
+            wait_model_ready(fault_server)
             status, message = infer_error(client, seed=str(CRASH_SEED))
             assert status == "StatusCode.UNAVAILABLE" and "InjectedFault" in message
             if "it stopped" in message:
@@ -491,6 +505,13 @@ def test_an_engine_that_keeps_failing_stops_taking_requests_with_the_reason(faul
         assert "it stopped" in message, message
         status, message = infer_error(client, max_new_tokens="2")
     assert status == "StatusCode.UNAVAILABLE"
-    assert f"model '{MODEL}' is unavailable: the LLM engine failed 4 times within 60 s and stopped" in message
+    assert f"model '{MODEL}' version 1 is not ready: the LLM engine failed 4 times within 60 s and stopped" \
+        in message
     assert "last error: InjectedFault" in message
+    # the model is not ready, with the reason, and strict readiness takes the server with it
+    assert http_status(f"{fault_server.base_url}/v2/models/{MODEL}/ready") != 200
+    assert http_status(f"{fault_server.base_url}/v2/health/ready") != 200
+    index = httpx.post(f"{fault_server.base_url}/v2/repository/index", json={}, timeout=30).json()
+    [row] = [row for row in index if row["name"] == MODEL]
+    assert "the LLM engine failed 4 times within 60 s and stopped" in row.get("reason", ""), row
     assert fault_server.proc.poll() is None and "and stopped; last error" in fault_server.log()

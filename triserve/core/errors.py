@@ -65,10 +65,14 @@ class InferError(Exception):
         return cls(ErrorCode.INTERNAL, message)
 
 
-class QueueFullError(InferError):
-    """A request refused at once because a bounded queue is full (Triton's "Exceeds maximum
-    queue size"): UNAVAILABLE (HTTP 503, gRPC UNAVAILABLE), so a client may retry later.
-    A frontend may give it its own overload status (OpenAI answers 429)."""
+QUEUE_FULL = "Exceeds maximum queue size"  # Triton's text, UNAVAILABLE
 
-    def __init__(self, message: str):
-        super().__init__(ErrorCode.UNAVAILABLE, message)
+
+class QueueFullError(InferError):
+    """A request refused at once because a bounded queue is full: UNAVAILABLE (HTTP 503, gRPC
+    UNAVAILABLE), Triton's text first, so a client may retry later. The core queue's
+    ``max_queue_size`` and the LLM engine's waiting queue both raise it; a frontend may give it
+    its own overload status (OpenAI answers 429)."""
+
+    def __init__(self, detail: str):
+        super().__init__(ErrorCode.UNAVAILABLE, f"{QUEUE_FULL}: {detail}")

@@ -21,7 +21,7 @@ from triserve.core.backend import (Backend, BackendNotInstalled, CoreClient, Job
                                    ModelContext, backend_names, get_backend_class)
 from triserve.core import config as model_config
 from triserve.core import datatypes, metrics
-from triserve.core.errors import ErrorCode, InferError
+from triserve.core.errors import ErrorCode, InferError, QueueFullError
 from triserve.core.reshape import Reshape
 from triserve.core.scheduler import TIMEOUT_EXPIRED, Scheduler
 from triserve.core.statistics import ModelStatistics
@@ -57,8 +57,8 @@ def _failure_reason(error: InferError) -> str:
     """The ``reason`` label of nv_inference_request_failure for a failed response."""
     if error.code is ErrorCode.CANCELLED:
         return "CANCELED"
-    if error.message == TIMEOUT_EXPIRED:  # the queue policy rejected it, as Triton counts it
-        return "REJECTED"
+    if error.message == TIMEOUT_EXPIRED or isinstance(error, QueueFullError):
+        return "REJECTED"  # a queue refused it, as Triton counts it
     return "BACKEND"
 
 

@@ -33,11 +33,10 @@ from collections import deque
 from tritonclient.grpc import model_config_pb2
 
 from triserve.core.backend import Backend, Job
-from triserve.core.errors import ErrorCode, InferError
+from triserve.core.errors import ErrorCode, InferError, QueueFullError
 from triserve.core.statistics import ModelStatistics
 
 
-QUEUE_FULL = "Exceeds maximum queue size"  # Triton's text, UNAVAILABLE
 TIMEOUT_EXPIRED = "Request timeout expired"  # Triton's text, UNAVAILABLE
 TIMEOUT_PARAMETER = "timeout"  # a request's own timeout, microseconds (Triton's)
 
@@ -73,12 +72,14 @@ class Scheduler:
     def submit(self, job: Job, batch_size: int) -> None:
         """Queue a validated job; it runs as soon as a batch slot allows.
 
-        Raises UNAVAILABLE ("Exceeds maximum queue size") when the queue is full.
+        Raises UNAVAILABLE ("Exceeds maximum queue size", :class:`QueueFullError`) when the
+        queue is full, or when ``capacity`` batches execute and the backend bounds its own queue
+        (``Backend.refusal_when_full``: the LLM engine's waiting queue).
         """
         if self._max_queue_size and len(self._queue) + len(self._delayed) >= self._max_queue_size:
             self._statistics.record_failure("REJECTED", 0)
-            raise InferError.unavailable(
-                f"{QUEUE_FULL}: model '{self._name}' has {self._max_queue_size} request(s) queued "
+            raise QueueFullError(
+                f"model '{self._name}' has {self._max_queue_size} request(s) queued "
                 "(dynamic_batching default_queue_policy max_queue_size)")
         if self._in_flight >= self._backend.capacity:
             refusal = self._backend.refusal_when_full()  # a backend that bounds its own queue

@@ -117,8 +117,7 @@ class LLMBackend(Backend):
                                 f"{self._engine.config.max_queue_size})")
 
     def _overloaded(self, detail: str) -> QueueFullError:
-        return QueueFullError(f"model '{self.context.name}' is overloaded: exceeds maximum queue size: "
-                              f"{detail}; retry later")
+        return QueueFullError(f"model '{self.context.name}' is overloaded: {detail}; retry later")
 
     @property
     def healthy(self) -> bool:
