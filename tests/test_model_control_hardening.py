@@ -145,6 +145,8 @@ def test_env_probe_past_its_deadline_fails_the_load(server):
      "parameter 'weights' points outside the model's folder"),
     ({"parameters": {"trust_remote_code": {"string_value": "true"}}},
      "'trust_remote_code' cannot be switched on by a load request"),
+    ({"parameters": {"fault_crash_seed": {"string_value": "7"}}},
+     "'fault_crash_seed' (fault injection, for tests) cannot be set by a load request"),
 ])
 def test_config_overrides_may_not_point_outside_the_model_folder(server, change, problem):
     status, error = load(server, "identity", {**IDENTITY_OVERRIDE, **change})

@@ -6,8 +6,9 @@ bounded: ``default_model_filename`` and every path-like parameter
 (``EXECUTION_ENV_PATH``, the LLM's ``model``, any value with a ``/``, ``~`` or a
 leading ``.``) must resolve inside the model's folder, symlinks followed, or
 inside a root the operator allowed (``--allowed-model-root``). A ``package:``
-reference is accepted only as the model's own config.pbtxt has it, and
-``trust_remote_code`` cannot be switched on. The errors name the parameter and
+reference is accepted only as the model's own config.pbtxt has it,
+``trust_remote_code`` cannot be switched on, and the test-only fault-injection
+parameters (``fault_*``) may only keep the value config.pbtxt gives them. The errors name the parameter and
 the rule, never a resolved server path, and are the same whether or not the
 target exists.
 """
@@ -23,6 +24,7 @@ from triserve.core.config import CONFIG_FILENAME, ConfigError, parse_config, str
 
 PATH_PARAMETERS = ("EXECUTION_ENV_PATH", "model")
 PACKAGE_PREFIX = "package:"
+PINNED_PREFIX = "fault_"  # test-only fault injection (docs/llm.md): never from the network
 _TRUE = ("true", "1", "yes", "on")
 
 
@@ -45,6 +47,11 @@ def check_override(config: model_config_pb2.ModelConfig, model_dir: Path,
             if value.strip().lower() in _TRUE and on_disk.get(name, "").strip().lower() not in _TRUE:
                 raise ConfigError(f"{source}: parameter 'trust_remote_code' cannot be switched on by a "
                                   "load request; set it in the model's config.pbtxt")
+            continue
+        if name.startswith(PINNED_PREFIX):
+            if value != on_disk.get(name, ""):
+                raise ConfigError(f"{source}: parameter '{name}' (fault injection, for tests) cannot be "
+                                  "set by a load request; set it in the model's config.pbtxt")
             continue
         if value.startswith(PACKAGE_PREFIX):
             if on_disk.get(name) != value:
