@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Sequence
 
 import triserve
-from triserve.options import DEFAULT_REPOSITORY, ServerOptions
+from triserve.options import (
+    API_KEY_ENV, DEFAULT_REPOSITORY, MODEL_CONTROL_KEY_ENV, Access, Limits, ServerOptions, Tls,
+)
 from triserve.tools import arguments
+
+_SIZE = re.compile(r"\s*(\d+)\s*([kmg]i?b?|b)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3,
+               "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30}
 
 
 def _port(text: str) -> int:
@@ -20,6 +28,77 @@ def _port(text: str) -> int:
     if not 0 < port < 65536:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
     return port
+
+
+def _size(text: str) -> int:
+    """A byte count: ``67108864``, ``64MiB``, ``64M`` (decimal) or ``1GiB``."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 1048576, 64MiB, 1GiB)")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    size = int(match.group(1)) * _SIZE_UNITS[unit]
+    if size < 1:
+        raise argparse.ArgumentTypeError("a size must be at least 1 byte")
+    return size
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
+def _add_limits(serve: argparse.ArgumentParser) -> None:
+    default = Limits()
+    group = serve.add_argument_group(
+        "limits", "Bounds on one request; a request past one is refused with a 4xx (gRPC "
+                  "RESOURCE_EXHAUSTED or INVALID_ARGUMENT) that names the limit.")
+    group.add_argument("--max-request-body", type=_size, default=default.max_request_body, metavar="SIZE",
+                       help="largest HTTP request body, as sent (default: 64MiB)")
+    group.add_argument("--max-decompressed-body", type=_size, default=default.max_decompressed_body,
+                       metavar="SIZE", help="largest gzip/deflate request body once inflated (default: 64MiB)")
+    group.add_argument("--max-json-depth", type=_positive_int, default=default.max_json_depth, metavar="N",
+                       help=f"deepest nesting of JSON arrays/objects in a request (default: {default.max_json_depth})")
+    group.add_argument("--max-tensor-elements", type=_positive_int, default=default.max_tensor_elements,
+                       metavar="N", help=f"most elements in one input tensor (default: {default.max_tensor_elements})")
+    group.add_argument("--grpc-max-message", type=_size, default=default.grpc_max_message, metavar="SIZE",
+                       help="largest gRPC message received or sent (default: 64MiB)")
+    group.add_argument("--grpc-max-stream-in-flight", type=_positive_int,
+                       default=default.grpc_max_stream_in_flight, metavar="N",
+                       help="requests of one gRPC ModelStreamInfer stream running at once "
+                            f"(default: {default.grpc_max_stream_in_flight})")
+    group.add_argument("--request-body-timeout", type=_positive_float, default=default.request_body_timeout,
+                       metavar="SECONDS", help="time an HTTP request body may take to arrive "
+                                               f"(default: {default.request_body_timeout:g})")
+
+
+def _add_access(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group(
+        "access control and TLS",
+        "With an API key, every HTTP, gRPC and metrics call must carry 'Authorization: Bearer KEY' "
+        "(the OpenAI clients' api_key, tritonclient's headers=) or is refused with 401/UNAUTHENTICATED.")
+    group.add_argument("--api-key", default=None, metavar="KEY",
+                       help=f"the key every call must carry (default: ${API_KEY_ENV}; none: no key needed)")
+    group.add_argument("--model-control-key", default=None, metavar="KEY",
+                       help="the key that repository load/unload calls must carry instead "
+                            f"(default: ${MODEL_CONTROL_KEY_ENV}); with --api-key and no model control "
+                            "key, load/unload are refused to everyone")
+    group.add_argument("--open-health", action="store_true",
+                       help="health checks (/v2/health/*, gRPC ServerLive/ServerReady, grpc.health.v1) "
+                            "need no key")
+    group.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                       help="serve HTTP, gRPC and metrics over TLS with this certificate (chain)")
+    group.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="the certificate's private key")
+    group.add_argument("--tls-client-ca", type=Path, default=None, metavar="PEM",
+                       help="require client certificates signed by this CA (mutual TLS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "besides the model's own folder; repeatable")
     serve.add_argument("--chatglm-model", default=None, metavar="NAME",
                        help="the model that answers ChatGLM's POST / (default: the first chat model)")
+    _add_limits(serve)
+    _add_access(serve)
     chat = commands.add_parser(
         "chat", help="chat with a model in the terminal (a running server's, or one it starts)",
         description="A terminal chat with any chat model, over the OpenAI routes, streamed. "
@@ -97,6 +178,19 @@ def _server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--load-model needs --model-control-mode explicit (in mode 'none' every model loads)")
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository} is not a directory")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                       ("--tls-client-ca", args.tls_client_ca)):
+        if path is not None and not path.is_file():
+            parser.error(f"{flag} {path} is not a file")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    control_key = (args.model_control_key if args.model_control_key is not None
+                   else os.environ.get(MODEL_CONTROL_KEY_ENV) or None)
+    if "" in (api_key, control_key):
+        parser.error("an empty key would let anyone in: give a non-empty --api-key / --model-control-key")
     return ServerOptions(
         model_repository=args.model_repository.resolve(),
         host=args.host,
@@ -115,6 +209,17 @@ def _server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         max_instance_restarts=args.max_instance_restarts,
         instance_restart_window=args.instance_restart_window,
         allowed_model_roots=tuple(root.resolve() for root in args.allowed_model_root),
+        limits=Limits(
+            max_request_body=args.max_request_body,
+            max_decompressed_body=args.max_decompressed_body,
+            max_json_depth=args.max_json_depth,
+            max_tensor_elements=args.max_tensor_elements,
+            grpc_max_message=args.grpc_max_message,
+            grpc_max_stream_in_flight=args.grpc_max_stream_in_flight,
+            request_body_timeout=args.request_body_timeout,
+        ),
+        access=Access(api_key=api_key, model_control_key=control_key, open_health=args.open_health),
+        tls=Tls(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca),
     )
 
 

@@ -19,6 +19,7 @@ import gc
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Iterator
 
 import uvicorn
@@ -26,8 +27,10 @@ import uvicorn
 import triserve
 from triserve.core.backend import Lifecycle
 from triserve.core.server import InferenceServer
+from triserve.frontends.auth import Gate
 from triserve.frontends.grpc.service import create_grpc_server
 from triserve.frontends.http.app import create_app
+from triserve.frontends.http.auth import AuthMiddleware
 from triserve.frontends.metrics import create_metrics_app
 from triserve.options import ServerOptions
 
@@ -51,11 +54,14 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 
 def _uvicorn(app, options: ServerOptions, port: int, access_log: bool) -> _EmbeddedUvicorn:
+    tls = options.tls
     return _EmbeddedUvicorn(uvicorn.Config(
         app, host=options.host, port=port, log_config=None, access_log=access_log,
         lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         # per-request work nobody here needs: no reverse proxy headers, no Server/Date headers
         proxy_headers=False, server_header=False, date_header=False,
+        ssl_certfile=tls.cert, ssl_keyfile=tls.key, ssl_ca_certs=tls.client_ca,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE,
     ))
 
 
@@ -78,6 +84,18 @@ async def _start_uvicorn(server: _EmbeddedUvicorn, listener: socket.socket) -> a
     return task
 
 
+def _access_summary(options: ServerOptions) -> str:
+    access = options.access
+    if not access.enabled:
+        return "no API key: every call is allowed (--api-key to require one)"
+    parts = ["API key required" if access.api_key else "no API key"]
+    parts.append("model control with its own key" if access.model_control_key
+                 else "model control disabled" if access.api_key else "")
+    if access.open_health:
+        parts.append("health checks open")
+    return ", ".join(part for part in parts if part)
+
+
 def _freeze_startup_objects(_: asyncio.Task) -> None:
     """Keep what startup built (modules, models, configs) out of every later GC pass.
 
@@ -97,12 +115,13 @@ async def serve(options: ServerOptions) -> None:
                            drain_timeout=options.drain_timeout, strict_readiness=options.strict_readiness,
                            lifecycle=lifecycle, allowed_roots=options.allowed_model_roots)
     http = _uvicorn(create_app(core, options), options, options.http_port, options.log_verbose > 0)
-    metrics = _uvicorn(create_metrics_app(), options, options.metrics_port, False)
+    metrics = _uvicorn(AuthMiddleware(create_metrics_app(), Gate(options.access)), options,
+                       options.metrics_port, False)
     http_listener = _listen(options.host, options.http_port, "HTTP")
     metrics_listener = _listen(options.host, options.metrics_port, "metrics")
     grpc_address = f"{options.host}:{options.grpc_port}"
     try:
-        grpc_server = create_grpc_server(core, grpc_address)
+        grpc_server = create_grpc_server(core, grpc_address, options.limits, options.access, options.tls)
     except RuntimeError as exc:  # grpc.aio raises RuntimeError when it cannot bind
         raise StartupError(f"cannot listen for gRPC on {grpc_address}: {exc}") from None
 
@@ -121,9 +140,10 @@ async def serve(options: ServerOptions) -> None:
     await grpc_server.start()
     http_task = await _start_uvicorn(http, http_listener)
     metrics_task = await _start_uvicorn(metrics, metrics_listener)
-    logger.info("triserve %s: HTTP on %s:%d, gRPC on %s, metrics on %s:%d/metrics; "
-                "model repository %s", triserve.__version__, options.host, options.http_port,
-                grpc_address, options.host, options.metrics_port, options.model_repository)
+    logger.info("triserve %s: HTTP%s on %s:%d, gRPC on %s, metrics on %s:%d/metrics; "
+                "model repository %s; %s", triserve.__version__, "S" if options.tls.enabled else "",
+                options.host, options.http_port, grpc_address, options.host, options.metrics_port,
+                options.model_repository, _access_summary(options))
 
     def stop_if_loading_failed(task: asyncio.Task) -> None:
         """A failed start would otherwise leave the server up but never ready, its error unseen."""

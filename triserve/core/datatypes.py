@@ -105,16 +105,25 @@ def pack_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def unpack_bytes(buffer: bytes) -> np.ndarray:
+class TooManyElements(ValueError):
+    """The data holds more elements than the caller allows (raised before they are all built)."""
+
+
+def unpack_bytes(buffer: bytes, max_items: int | None = None) -> np.ndarray:
     """Inverse of :func:`pack_bytes`: a 1-D object array of ``bytes``.
 
-    Raises ``ValueError`` when the buffer is not a sequence of length-prefixed elements.
+    Raises ``ValueError`` when the buffer is not a sequence of length-prefixed elements,
+    and :class:`TooManyElements` as soon as it holds more than ``max_items`` elements.
     """
     view = memoryview(buffer)
     items = []
     offset = 0
     end = len(view)
+    if max_items is not None and end // 4 <= max_items:
+        max_items = None  # every element takes at least its 4-byte prefix: the cap cannot be reached
     while offset < end:
+        if max_items is not None and len(items) >= max_items:
+            raise TooManyElements(f"more than {max_items} elements")
         if offset + 4 > end:
             raise ValueError("BYTES tensor data ends inside a 4-byte length prefix")
         (length,) = struct.unpack_from("<I", view, offset)
@@ -137,13 +146,16 @@ def to_raw(array: np.ndarray, datatype: str) -> bytes:
     return np.ascontiguousarray(array, dtype=KSERVE_TO_NUMPY[datatype]).tobytes()
 
 
-def from_raw(raw: bytes, datatype: str) -> np.ndarray:
-    """A flat numpy array from the raw wire form; ``ValueError`` if the size is off."""
+def from_raw(raw: bytes, datatype: str, max_items: int | None = None) -> np.ndarray:
+    """A flat numpy array from the raw wire form; ``ValueError`` if the size is off,
+    :class:`TooManyElements` past ``max_items`` elements."""
     if datatype == "BYTES":
-        return unpack_bytes(raw)
+        return unpack_bytes(raw, max_items)
     size = ELEMENT_SIZE[datatype]
     if len(raw) % size:
         raise ValueError(
             f"raw data of {len(raw)} bytes is not a whole number of {datatype} elements ({size} bytes each)"
         )
+    if max_items is not None and len(raw) // size > max_items:
+        raise TooManyElements(f"{len(raw) // size} elements, more than {max_items}")
     return np.frombuffer(raw, dtype=KSERVE_TO_NUMPY[datatype])

@@ -38,19 +38,24 @@ class InferTensor:
 
     @classmethod
     def from_flat(
-        cls, name: str, datatype: str, shape: Sequence[int], values: Any
+        cls, name: str, datatype: str, shape: Sequence[int], values: Any, max_elements: int | None = None
     ) -> "InferTensor":
         """Build a tensor from flat values as JSON and gRPC ``contents`` carry them.
 
         One ``-1`` in ``shape`` is inferred from the element count (the seed's
         client sends ``history`` with shape ``[-1]``). A count that does not
-        match the shape is an error that names the input.
+        match the shape is an error that names the input. With ``max_elements``, a
+        shape or a value count past it is refused before any array is built.
         """
         if datatype not in datatypes.KSERVE_TO_NUMPY:
             raise InferError.invalid(
                 f"input '{name}' has unknown datatype '{datatype}'; expected one of "
                 + ", ".join(datatypes.KSERVE_TO_NUMPY)
             )
+        if max_elements is not None:
+            check_element_limit(name, shape, max_elements)
+            if len(values) > max_elements:
+                raise too_many_elements(name, max_elements, len(values))
         if datatype == "BYTES":
             flat = np.empty(len(values), dtype=np.object_)
             flat[:] = list(values)
@@ -66,12 +71,18 @@ class InferTensor:
         return cls(name, datatype, shape, flat.reshape(shape))
 
     @classmethod
-    def from_raw(cls, name: str, datatype: str, shape: Sequence[int], raw: bytes) -> "InferTensor":
-        """Build a tensor from its binary wire form (HTTP binary extension, gRPC raw contents)."""
+    def from_raw(cls, name: str, datatype: str, shape: Sequence[int], raw: bytes,
+                 max_elements: int | None = None) -> "InferTensor":
+        """Build a tensor from its binary wire form (HTTP binary extension, gRPC raw contents);
+        with ``max_elements``, BYTES elements past it are refused before they are built."""
         if datatype not in datatypes.KSERVE_TO_NUMPY:
             raise InferError.invalid(f"input '{name}' has unknown datatype '{datatype}'")
+        if max_elements is not None:
+            check_element_limit(name, shape, max_elements)
         try:
-            flat = datatypes.from_raw(raw, datatype)
+            flat = datatypes.from_raw(raw, datatype, max_elements)
+        except datatypes.TooManyElements:
+            raise too_many_elements(name, max_elements) from None
         except ValueError as exc:
             raise InferError.invalid(f"input '{name}': {exc}") from None
         shape = resolve_shape(name, shape, flat.size)
@@ -79,6 +90,25 @@ class InferTensor:
 
     def raw(self) -> bytes:
         return datatypes.to_raw(self.data, self.datatype)
+
+
+def too_many_elements(name: str, limit: int, count: int | None = None) -> InferError:
+    """The error for a tensor past the element limit (``count`` when it is known)."""
+    has = f"{count} elements, over" if count is not None else "more elements than"
+    return InferError.invalid(f"input '{name}' has {has} the limit of {limit} elements per tensor "
+                              "(--max-tensor-elements)")
+
+
+def check_element_limit(name: str, shape: Sequence[Any], limit: int) -> None:
+    """Refuse a declared shape of more than ``limit`` elements (a ``-1`` counts as 1),
+    before any data is decoded for it."""
+    count = 1
+    for d in shape:
+        if isinstance(d, int) and d > 0:
+            count *= d
+            if count > limit:
+                known = all(isinstance(x, int) and x >= 0 for x in shape) and count < limit * limit
+                raise too_many_elements(name, limit, datatypes.element_count(shape) if known else None)
 
 
 def resolve_shape(name: str, shape: Sequence[int], count: int) -> list[int]:

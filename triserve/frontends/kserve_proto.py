@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 
 from triserve.core import datatypes
 from triserve.core.errors import InferError
-from triserve.core.types import InferRequest, InferResponse, InferTensor, RequestedOutput
+from triserve.core.types import InferRequest, InferResponse, InferTensor, RequestedOutput, too_many_elements
 
 # The typed ``InferTensorContents`` field that carries each datatype. FP16 has
 # none in the KServe proto: it can only travel as raw bytes.
@@ -81,8 +81,10 @@ def set_parameters(target: MutableMapping[str, Any], values: Mapping[str, Any]) 
 # --- inference ---------------------------------------------------------------
 
 
-def request_from_proto(message: service_pb2.ModelInferRequest) -> InferRequest:
-    """Decode a ``ModelInferRequest``; every problem is an INVALID_ARGUMENT naming the input."""
+def request_from_proto(message: service_pb2.ModelInferRequest, max_elements: int | None = None) -> InferRequest:
+    """Decode a ``ModelInferRequest``; every problem is an INVALID_ARGUMENT naming the input.
+
+    An input past ``max_elements`` elements is refused before its array is built."""
     raw_contents: Sequence[bytes] = message.raw_input_contents
     if raw_contents and len(raw_contents) != len(message.inputs):
         raise InferError.invalid(
@@ -90,7 +92,7 @@ def request_from_proto(message: service_pb2.ModelInferRequest) -> InferRequest:
             "raw_input_contents must hold the data of every input, in input order, or be empty"
         )
     inputs = [
-        _input_from_proto(tensor, raw_contents[index] if raw_contents else None)
+        _input_from_proto(tensor, raw_contents[index] if raw_contents else None, max_elements)
         for index, tensor in enumerate(message.inputs)
     ]
     outputs = [
@@ -108,23 +110,24 @@ def request_from_proto(message: service_pb2.ModelInferRequest) -> InferRequest:
 
 
 def _input_from_proto(
-    tensor: service_pb2.ModelInferRequest.InferInputTensor, raw: bytes | None
+    tensor: service_pb2.ModelInferRequest.InferInputTensor, raw: bytes | None, max_elements: int | None
 ) -> InferTensor:
     if raw is not None:
         if tensor.contents.ListFields():
             raise InferError.invalid(
                 f"input '{tensor.name}' has data in both 'contents' and raw_input_contents; send one"
             )
-        decoded = InferTensor.from_raw(tensor.name, tensor.datatype, tensor.shape, raw)
+        decoded = InferTensor.from_raw(tensor.name, tensor.datatype, tensor.shape, raw, max_elements)
     else:
         decoded = InferTensor.from_flat(
-            tensor.name, tensor.datatype, tensor.shape, _typed_contents(tensor)
+            tensor.name, tensor.datatype, tensor.shape, _typed_contents(tensor, max_elements), max_elements
         )
     decoded.parameters = parameters_from_proto(tensor.parameters)
     return decoded
 
 
-def _typed_contents(tensor: service_pb2.ModelInferRequest.InferInputTensor) -> list[Any]:
+def _typed_contents(tensor: service_pb2.ModelInferRequest.InferInputTensor,
+                    max_elements: int | None = None) -> list[Any]:
     """The values of the one ``contents`` field that matches the input's datatype.
 
     An input without data is an empty list: the shape check then decides
@@ -144,7 +147,10 @@ def _typed_contents(tensor: service_pb2.ModelInferRequest.InferInputTensor) -> l
             f"input '{tensor.name}' has datatype {tensor.datatype}, whose data goes in "
             f"contents.{expected}, but the request filled contents.{', contents.'.join(filled)}"
         )
-    return list(getattr(tensor.contents, expected))
+    values = getattr(tensor.contents, expected)
+    if max_elements is not None and len(values) > max_elements:
+        raise too_many_elements(tensor.name, max_elements, len(values))
+    return list(values)
 
 
 def response_to_proto(response: InferResponse) -> service_pb2.ModelInferResponse:

@@ -21,6 +21,10 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.types import InferResponse
 from triserve.frontends import kserve_proto
+from triserve.frontends.auth import Gate
+from triserve.frontends.faults import report_bug
+from triserve.frontends.grpc.auth import AuthInterceptor
+from triserve.options import Access, Limits, Tls
 
 if TYPE_CHECKING:
     from triserve.core.server import InferenceServer
@@ -29,15 +33,17 @@ logger = logging.getLogger("triserve.grpc")
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 
-# Triton's limit (INT32_MAX): LLM prompts, histories and tensors of any practical size fit.
-MAX_MESSAGE_BYTES = 2**31 - 1
 
-SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Never share the port with another process (gRPC's Linux default allows it).
-    ("grpc.so_reuseport", 0),
-]
+
+def server_options(limits: Limits) -> list[tuple[str, int]]:
+    """grpc core options: message size limits (grpc answers RESOURCE_EXHAUSTED past them,
+    naming both sizes, before the message is handed to us) and no port sharing."""
+    return [
+        ("grpc.max_send_message_length", limits.grpc_max_message),
+        ("grpc.max_receive_message_length", limits.grpc_max_message),
+        # Never share the port with another process (gRPC's Linux default allows it).
+        ("grpc.so_reuseport", 0),
+    ]
 
 # Triton's GrpcStatusUtil::CodeToStatus: UNSUPPORTED (e.g. ModelInfer on a
 # decoupled model) is UNIMPLEMENTED on the gRPC wire.
@@ -62,12 +68,27 @@ Context = grpc.aio.ServicerContext
 Handler = Callable[[Any, Any, Context], Awaitable[Any]]
 
 
-def create_grpc_server(core: InferenceServer, address: str) -> grpc.aio.Server:
-    """A gRPC server bound to ``address`` ("host:port"), not started yet."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
+def create_grpc_server(core: InferenceServer, address: str, limits: Limits = Limits(),
+                       access: Access = Access(), tls: Tls = Tls()) -> grpc.aio.Server:
+    """A gRPC server bound to ``address`` ("host:port"), not started yet.
+
+    With an API key every call goes through :class:`AuthInterceptor`; with TLS files the
+    port speaks TLS only (and requires client certificates when a client CA is given).
+    """
+    gate = Gate(access)
+    server = grpc.aio.server(options=server_options(limits),
+                             interceptors=[AuthInterceptor(gate)] if gate.enabled else None)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, limits), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(core), server)
-    server.add_insecure_port(address)
+    if tls.enabled:
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+            require_client_auth=tls.client_ca is not None,
+        )
+        server.add_secure_port(address, credentials)
+    else:
+        server.add_insecure_port(address)
     return server
 
 
@@ -81,8 +102,7 @@ def unary(handler: Handler) -> Handler:
         except InferError as error:
             await context.abort(STATUS_CODE[error.code], error.message)
         except Exception as error:  # a bug must reach the client as INTERNAL, not hang or vanish
-            logger.exception("gRPC %s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+            await context.abort(grpc.StatusCode.INTERNAL, report_bug(logger, f"serving gRPC {handler.__name__}", error))
 
     return wrapper
 
@@ -104,8 +124,9 @@ def is_bare_final_flag(response: InferResponse) -> bool:
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over the core."""
 
-    def __init__(self, core: InferenceServer):
+    def __init__(self, core: InferenceServer, limits: Limits = Limits()):
         self.core = core
+        self.limits = limits
 
     # --- health and metadata -------------------------------------------------
 
@@ -166,7 +187,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: service_pb2.ModelInferRequest, context: Context
     ) -> service_pb2.ModelInferResponse:
-        response = await self.core.infer(kserve_proto.request_from_proto(request))
+        response = await self.core.infer(kserve_proto.request_from_proto(request, self.limits.max_tensor_elements))
         return kserve_proto.response_to_proto(response)
 
     async def ModelStreamInfer(
@@ -178,25 +199,42 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         and the stream goes on. When the client cancels or disconnects, this
         coroutine is cancelled and closes every in-flight core stream, which
         cancels those requests in the backends.
+
+        Bounded both ways: at most ``--grpc-max-stream-in-flight`` requests run at once
+        (a request past it gets an error reply at once and the stream goes on), and the
+        outbox holds at most as many replies: when the client stops reading, the requests
+        stop pulling responses from the core instead of queueing them here without end.
         """
+        limit = self.limits.grpc_max_stream_in_flight
         outbox: asyncio.Queue[service_pb2.ModelStreamInferResponse | None] = asyncio.Queue()
+        room = asyncio.Semaphore(limit)  # replies queued or being written, at most ``limit``
         in_flight: set[asyncio.Task] = set()
+
+        async def emit(reply: service_pb2.ModelStreamInferResponse) -> None:
+            await room.acquire()
+            outbox.put_nowait(reply)
 
         async def read_requests() -> None:
             try:
                 async for message in request_iterator:
-                    task = asyncio.create_task(self._stream_one(message, outbox.put_nowait))
+                    if len(in_flight) >= limit:
+                        await emit(_stream_error(
+                            message, f"too many requests in flight on this stream: the limit is {limit} "
+                                     "(--grpc-max-stream-in-flight); wait for responses before sending more"))
+                        continue
+                    task = asyncio.create_task(self._stream_one(message, emit))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                 if in_flight:
                     await asyncio.wait(set(in_flight))
             finally:
-                outbox.put_nowait(None)
+                outbox.put_nowait(None)  # the end mark needs no room: it never waits
 
         reader = asyncio.create_task(read_requests())
         try:
             while (reply := await outbox.get()) is not None:
                 await context.write(reply)
+                room.release()
             await reader  # surfaces a failure to read the request stream
         finally:
             for task in (reader, *in_flight):
@@ -206,23 +244,23 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _stream_one(
         self,
         message: service_pb2.ModelInferRequest,
-        emit: Callable[[service_pb2.ModelStreamInferResponse], None],
+        emit: Callable[[service_pb2.ModelStreamInferResponse], Awaitable[None]],
     ) -> None:
         """Run one streamed request, emitting each of its responses (or its error)."""
         try:
-            request = kserve_proto.request_from_proto(message)
+            request = kserve_proto.request_from_proto(message, self.limits.max_tensor_elements)
             send_empty_final = _pop_enable_empty_final(request.parameters)
             decoupled = self.core.get_model(request.model_name, request.model_version).decoupled
             async with contextlib.aclosing(self.core.stream(request)) as responses:
                 async for response in responses:
                     if decoupled and is_bare_final_flag(response) and not send_empty_final:
                         continue
-                    emit(_stream_reply(response))
+                    await emit(_stream_reply(response))
         except InferError as error:
-            emit(_stream_error(message, error.message))
+            await emit(_stream_error(message, error.message))
         except Exception as error:  # keep the stream alive for the client's other requests
-            logger.exception("gRPC ModelStreamInfer request %r failed", message.id)
-            emit(_stream_error(message, f"{type(error).__name__}: {error}"))
+            await emit(_stream_error(message, report_bug(
+                logger, f"serving gRPC ModelStreamInfer request {message.id!r}", error)))
 
     # --- model repository ----------------------------------------------------
 

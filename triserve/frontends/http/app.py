@@ -4,6 +4,10 @@ Each dialect module owns its routes; this module only puts them together (the
 most specific first, ChatGLM's catch-all ``POST /`` last) and installs the shared
 error handlers, so every route answers errors as ``{"error": "<message>"}``.
 
+Two ASGI middlewares stand in front of everything, the fast path included: the API-key
+check (:mod:`.auth`, before the body is read) and the body limits (:mod:`.limits`: size,
+streamed decompression, JSON depth, read deadline).
+
 KServe inference, the one hot path, skips Starlette: :class:`TriserveApp` matches
 ``POST /v2/models/{model}[/versions/{version}]/infer`` on the raw ASGI scope and
 answers it with :func:`kserve.infer` directly, without Request/Response objects,
@@ -19,15 +23,18 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from triserve.core.errors import InferError
+from triserve.frontends.auth import Gate
 from triserve.frontends.http import binary, chatglm, generate, jsonio, kserve, legacy, openai, openapi, ui
+from triserve.frontends.http.auth import AuthMiddleware
 from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.errors import EXCEPTION_HANDLERS, error_body, unexpected_error_body
+from triserve.frontends.http.limits import BodyLimitMiddleware
+from triserve.options import Access, Limits
 
 if TYPE_CHECKING:
     from triserve.core.server import InferenceServer
 
 _JSON_CONTENT_TYPE = (b"content-type", b"application/json")
-_CONTENT_ENCODING = b"content-encoding"
 _HEADER_LENGTH = binary.HEADER.lower().encode()
 
 
@@ -35,16 +42,23 @@ class HttpOptions(Protocol):
     """What the HTTP app is configured with (the CLI's parsed arguments fit)."""
 
     chatglm_model: str | None  # the model behind ChatGLM's api.py; None: the first chat model
+    limits: Limits
+    access: Access
 
 
 class TriserveApp(Starlette):
     """The Starlette app, with KServe's ``POST .../infer`` answered before Starlette sees it."""
 
-    def __init__(self, core: InferenceServer, **starlette_options):
+    def __init__(self, core: InferenceServer, limits: Limits, access: Access, **starlette_options):
         super().__init__(**starlette_options)
         self._core = core
+        self._limits = limits
+        self._entry = AuthMiddleware(BodyLimitMiddleware(self._dispatch, limits), Gate(access))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             target = kserve.infer_path_target(scope["path"])
             if target is not None:
@@ -57,15 +71,14 @@ class TriserveApp(Starlette):
         body = await _read_body(receive)
         if body is None:
             return  # the client went away: there is no one to answer
-        content_encoding = header_length = None
+        header_length = None
         for name, value in scope["headers"]:
-            if name == _CONTENT_ENCODING and content_encoding is None:
-                content_encoding = value.decode("latin-1")
-            elif name == _HEADER_LENGTH and header_length is None:
+            if name == _HEADER_LENGTH:
                 header_length = value.decode("latin-1")
+                break
         try:
             payload, headers = await until_disconnected(receive, kserve.infer(
-                self._core, model, version, body, content_encoding, header_length))
+                self._core, model, version, body, header_length, self._limits.max_tensor_elements))
         except ClientDisconnect:
             return  # the inference was cancelled: there is no one to answer
         except InferError as exc:
@@ -100,12 +113,12 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
 
 def create_app(core: InferenceServer, options: HttpOptions) -> Starlette:
     routes = [
-        *kserve.routes(core),
-        *generate.routes(core),
+        *kserve.routes(core, options.limits.max_tensor_elements),
+        *generate.routes(core, options.limits.max_tensor_elements),
         *openai.routes(core),
         *openapi.routes(),
-        *legacy.routes(core),
+        *legacy.routes(core, options.limits.max_tensor_elements),
         *ui.routes(),  # GET / and /ui: the chat page
         *chatglm.routes(core, options.chatglm_model),  # POST /
     ]
-    return TriserveApp(core, routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    return TriserveApp(core, options.limits, options.access, routes=routes, exception_handlers=EXCEPTION_HANDLERS)

@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from triserve.core.errors import InferError
+from triserve.frontends.faults import report_bug
 from triserve.frontends.http.jsonio import JSONResponse
 
 logger = logging.getLogger("triserve.http")
@@ -39,9 +40,9 @@ async def _on_http_exception(request: Request, exc: Exception) -> Response:
 
 
 def unexpected_error_body(method: str, path: str, exc: Exception) -> dict[str, str]:
-    """Log a bug with its traceback; the client gets a 500 with this body, the server keeps serving."""
-    logger.exception("unexpected error serving %s %s", method, path)
-    return error_body(f"internal error: {exc}")
+    """Log a bug with its traceback; the client gets a 500 with this body (no server internals:
+    see :mod:`triserve.frontends.faults`), the server keeps serving."""
+    return error_body(report_bug(logger, f"serving {method} {path}", exc))
 
 
 async def _on_client_disconnect(request: Request, exc: Exception) -> Response:

@@ -30,7 +30,7 @@ _PARAMETER_TYPES = (str, int, float, bool)
 
 
 def decode_generate_request(metadata: dict[str, Any], version: str, document: dict[str, Any],
-                            streaming: bool = False) -> InferRequest:
+                            streaming: bool = False, max_elements: int | None = None) -> InferRequest:
     """A generate request for the model described by ``metadata`` (KServe model metadata).
 
     On ``/generate_stream`` a model with a ``stream`` input (the chat contract) gets
@@ -60,7 +60,8 @@ def decode_generate_request(metadata: dict[str, Any], version: str, document: di
     if streaming and "stream" in declared:
         values.setdefault("stream", True)
     inputs = [
-        tensors.tensor_from_value(name, declared[name]["datatype"], value, len(declared[name]["shape"]))
+        tensors.tensor_from_value(name, declared[name]["datatype"], value, len(declared[name]["shape"]),
+                                  max_elements)
         for name, value in values.items()
     ]
     return InferRequest(metadata["name"], version, inputs=inputs, parameters=request_parameters)
@@ -97,12 +98,12 @@ async def _events(first: InferResponse, responses: AsyncIterator[InferResponse])
             await responses.aclose()
 
 
-def routes(core: InferenceServer) -> list[BaseRoute]:
+def routes(core: InferenceServer, max_elements: int | None = None) -> list[BaseRoute]:
     async def decode(request: Request, streaming: bool = False) -> InferRequest:
         model = core.get_model(request.path_params["model"], request.path_params.get("version", ""))
         document = jsonio.loads_object(await request.body())
         return decode_generate_request(model.metadata(), request.path_params.get("version", ""), document,
-                                       streaming)
+                                       streaming, max_elements)
 
     async def generate(request: Request) -> Response:
         infer_request = await decode(request)

@@ -7,7 +7,7 @@ with a message naming it, so a typo never silently changes what the model sees.
 
 from __future__ import annotations
 
-import zlib
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,8 @@ _INPUT_FIELDS = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _OUTPUT_FIELDS = frozenset({"name", "parameters"})
 _BINARY_OUTPUT = "binary_data"  # output parameter: send this output as binary
 _BINARY_OUTPUTS = "binary_data_output"  # request parameter: default for every output
-_DECOMPRESS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# Bodies larger than this are decoded in a worker thread, so the event loop keeps serving.
+_THREAD_DECODE_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -46,9 +47,10 @@ class OutputEncoding:
 
 
 def decode_infer_request(
-    model: str, version: str, body: bytes, header_length: str | None
+    model: str, version: str, body: bytes, header_length: str | None, max_elements: int | None = None
 ) -> tuple[InferRequest, OutputEncoding]:
-    """An inference request body (JSON, optionally followed by binary tensor data)."""
+    """An inference request body (JSON, optionally followed by binary tensor data); each
+    input past ``max_elements`` elements is refused before its array is built."""
     json_part, binary_part = binary.split_body(body, header_length)
     document = jsonio.loads_object(json_part)
     _check_fields(document, _REQUEST_FIELDS, "inference request")
@@ -58,7 +60,7 @@ def decode_infer_request(
 
     inputs = []
     for entry in _typed(document, "inputs", list, "inference request", None) or []:
-        inputs.append(_decode_input(entry, binary_part))
+        inputs.append(_decode_input(entry, binary_part, max_elements))
     binary_part.check_consumed()
     if not inputs:
         raise InferError.invalid("inference request has no 'inputs'")
@@ -109,15 +111,18 @@ def encode_infer_response(
 
 async def infer(
     core: InferenceServer, model: str, version: str, body: bytes,
-    content_encoding: str | None, header_length: str | None,
+    header_length: str | None, max_elements: int | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """``POST .../infer`` without a web framework: raw body and headers in, response bytes out.
 
     Both the Starlette route and the app's ASGI fast path call this, so the two agree.
+    The body arrives plain (the body-limit middleware inflated a compressed one).
     """
-    infer_request, encoding = decode_infer_request(
-        model, version, decode_body(body, content_encoding), header_length
-    )
+    if len(body) > _THREAD_DECODE_BYTES:
+        infer_request, encoding = await asyncio.to_thread(
+            decode_infer_request, model, version, body, header_length, max_elements)
+    else:
+        infer_request, encoding = decode_infer_request(model, version, body, header_length, max_elements)
     return encode_infer_response(await core.infer(infer_request), encoding)
 
 
@@ -136,7 +141,7 @@ def infer_path_target(path: str) -> tuple[str, str] | None:
     return None
 
 
-def _decode_input(entry: Any, binary_part: binary.BinaryReader) -> InferTensor:
+def _decode_input(entry: Any, binary_part: binary.BinaryReader, max_elements: int | None) -> InferTensor:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise InferError.invalid("each input must be an object with a string 'name'")
     name = entry["name"]
@@ -153,9 +158,9 @@ def _decode_input(entry: Any, binary_part: binary.BinaryReader) -> InferTensor:
         if "data" in entry:
             raise InferError.invalid(f"{where} has both 'data' and parameter {binary.SIZE_PARAMETER}")
         raw = binary_part.take(name, parameters.pop(binary.SIZE_PARAMETER))
-        tensor = InferTensor.from_raw(name, datatype, shape, raw)
+        tensor = InferTensor.from_raw(name, datatype, shape, raw, max_elements)
     elif "data" in entry:
-        tensor = tensors.tensor_from_json(name, datatype, shape, entry["data"])
+        tensor = tensors.tensor_from_json(name, datatype, shape, entry["data"], max_elements)
     else:
         raise InferError.invalid(f"{where} has no 'data' and no {binary.SIZE_PARAMETER} parameter")
     tensor.parameters = parameters
@@ -187,22 +192,7 @@ def _flag(value: Any, what: str) -> bool:
     return value
 
 
-def decode_body(body: bytes, content_encoding: str | None) -> bytes:
-    """The request body, decompressed when the client sent ``Content-Encoding`` gzip/deflate."""
-    if content_encoding is None:
-        return body
-    encoding = content_encoding.lower()
-    if encoding == "identity":
-        return body
-    if encoding not in _DECOMPRESS:
-        raise InferError.invalid(f"unsupported Content-Encoding '{encoding}'; use gzip or deflate")
-    try:
-        return zlib.decompress(body, _DECOMPRESS[encoding])
-    except zlib.error as exc:
-        raise InferError.invalid(f"request body is not valid {encoding} data: {exc}") from None
-
-
-def routes(core: InferenceServer) -> list[BaseRoute]:
+def routes(core: InferenceServer, max_elements: int | None = None) -> list[BaseRoute]:
     def model_version(request: Request) -> tuple[str, str]:
         return request.path_params["model"], request.path_params.get("version", "")
 
@@ -230,8 +220,7 @@ def routes(core: InferenceServer) -> list[BaseRoute]:
 
     async def infer_route(request: Request) -> Response:
         body, headers = await infer(
-            core, *model_version(request), await request.body(),
-            request.headers.get("content-encoding"), request.headers.get(binary.HEADER),
+            core, *model_version(request), await request.body(), request.headers.get(binary.HEADER), max_elements,
         )
         return Response(body, headers=headers)
 

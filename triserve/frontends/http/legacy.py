@@ -13,6 +13,7 @@ strings, which the seed's ``reshape(outputs[1]["shape"])`` cannot use).
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
@@ -23,6 +24,7 @@ from tritonclient.grpc import service_pb2
 
 from triserve.core.errors import InferError
 from triserve.frontends import kserve_proto
+from triserve.frontends.http import jsonio
 from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.jsonio import JSONResponse
 
@@ -33,9 +35,45 @@ if TYPE_CHECKING:
 SERVICE_NAMES = ("MultiBackendService", "MutilBackendService")
 
 
+# Proto3 JSON bytes: standard or URL-safe base64, padded or not. Anything else is refused
+# (protobuf's own decoder would drop stray characters and decode what is left).
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]*")
+
+
+def _check_base64(document: Any) -> None:
+    """Every ``contents.bytes_contents`` element must be valid base64; the error names the input."""
+    inputs = document.get("inputs") if isinstance(document, dict) else None
+    for index, tensor in enumerate(inputs if isinstance(inputs, list) else []):
+        contents = tensor.get("contents") if isinstance(tensor, dict) else None
+        values = (contents.get("bytes_contents", contents.get("bytesContents"))
+                  if isinstance(contents, dict) else None)
+        if not isinstance(values, list):
+            continue
+        name = tensor.get("name") if isinstance(tensor.get("name"), str) else f"#{index}"
+        for position, value in enumerate(values):
+            if not isinstance(value, str):
+                continue  # protobuf names the wrong type
+            data = value.rstrip("=")
+            padding = len(value) - len(data)
+            if (not _BASE64.fullmatch(data) or len(data) % 4 == 1 or padding > 2
+                    or (padding and len(value) % 4)):
+                raise InferError.invalid(
+                    f"input '{name:.80}': contents.bytes_contents[{position}] is not valid base64")
+
+
 def parse_predict_request(body: bytes) -> service_pb2.ModelInferRequest:
     try:
-        return json_format.Parse(body, service_pb2.ModelInferRequest())
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InferError.invalid(f"request body is not UTF-8 text (byte {exc.start}): "
+                                 "send the ModelInferRequest as JSON") from None
+    try:
+        document = jsonio.loads(text)
+    except InferError as exc:
+        raise InferError.invalid(f"invalid ModelInferRequest JSON: {exc.message}") from None
+    _check_base64(document)
+    try:
+        return json_format.ParseDict(document, service_pb2.ModelInferRequest())
     except json_format.ParseError as exc:
         raise InferError.invalid(f"invalid ModelInferRequest JSON: {exc}") from None
 
@@ -47,10 +85,10 @@ def predict_document(response: service_pb2.ModelInferResponse) -> dict[str, Any]
     return document
 
 
-def routes(core: InferenceServer) -> list[BaseRoute]:
+def routes(core: InferenceServer, max_elements: int | None = None) -> list[BaseRoute]:
     async def predict(request: Request) -> Response:
         proto = parse_predict_request(await request.body())
-        infer_request = kserve_proto.request_from_proto(proto)
+        infer_request = kserve_proto.request_from_proto(proto, max_elements)
         response = await until_disconnected(request.receive, core.infer(infer_request))
         return JSONResponse(predict_document(kserve_proto.response_to_proto(response)))
 

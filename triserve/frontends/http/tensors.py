@@ -20,7 +20,7 @@ import numpy as np
 
 from triserve.core import datatypes
 from triserve.core.errors import ErrorCode, InferError
-from triserve.core.types import InferTensor
+from triserve.core.types import InferTensor, check_element_limit, too_many_elements
 
 # numpy kinds (of ``np.asarray(json_list)``) each datatype accepts from JSON.
 _JSON_KINDS: dict[str, str] = {"BOOL": "b", "BYTES": "U"}
@@ -31,30 +31,41 @@ _KIND_NAMES = {"b": "booleans", "U": "strings", "iu": "integers", "iuf": "number
 _KIND_FOUND = {"b": "booleans", "U": "strings", "i": "integers", "u": "integers", "f": "non-integer numbers"}
 
 
-def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> InferTensor:
-    """A KServe v2 JSON input tensor (``data`` flat or nested; one ``-1`` in ``shape`` inferred)."""
+def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any,
+                     max_elements: int | None = None) -> InferTensor:
+    """A KServe v2 JSON input tensor (``data`` flat or nested; one ``-1`` in ``shape`` inferred).
+
+    With ``max_elements``, a larger shape or data is refused before the array is built."""
     if datatype not in _JSON_KINDS:
         raise InferError.invalid(
             f"input '{name}' has unknown datatype '{datatype}'; expected one of " + ", ".join(_JSON_KINDS)
         )
+    if max_elements is not None:
+        check_element_limit(name, shape, max_elements)
+        if isinstance(data, list) and len(data) > max_elements:
+            raise too_many_elements(name, max_elements, len(data))
     if datatype == "BYTES" and _is_flat_text(data):
         # The usual BYTES input (a prompt, a chat field): encoded as it is, with no numpy
         # string array in between, which costs more than the rest of decoding.
         return InferTensor.from_flat(name, datatype, shape, [item.encode("utf-8") for item in data])
-    return InferTensor.from_flat(name, datatype, shape, _json_array(name, datatype, data).reshape(-1))
+    return InferTensor.from_flat(name, datatype, shape, _json_array(name, datatype, data).reshape(-1),
+                                 max_elements)
 
 
-def tensor_from_value(name: str, datatype: str, value: Any, rank: int) -> InferTensor:
+def tensor_from_value(name: str, datatype: str, value: Any, rank: int,
+                      max_elements: int | None = None) -> InferTensor:
     """A tensor from a plain JSON value, converted to the ``datatype`` the model declares.
 
     A scalar is one element; a (nested) list keeps its shape, left-padded with 1s up to
     the declared ``rank`` (so a batched model receives a batch of one).
     """
+    if max_elements is not None and isinstance(value, list) and len(value) > max_elements:
+        raise too_many_elements(name, max_elements, len(value))
     if datatype == "BYTES":
         value = _as_text(value)
     array = _json_array(name, datatype, value)
     shape = [1] * max(rank - array.ndim, 1 if array.ndim == 0 else 0) + list(array.shape)
-    return InferTensor.from_flat(name, datatype, shape, array.reshape(-1))
+    return InferTensor.from_flat(name, datatype, shape, array.reshape(-1), max_elements)
 
 
 def is_text(tensor: InferTensor) -> bool:

@@ -1,0 +1,55 @@
+"""API-key check for the HTTP and metrics ports, in front of every route (ASGI middleware).
+
+The rule itself (which key each kind of call needs) is :mod:`triserve.frontends.auth`;
+this module only classifies the request by its path and reads its bearer token. A refused
+request is answered before its body is read (401 with ``WWW-Authenticate: Bearer``, or
+403 for model control that the server does not allow).
+"""
+
+from __future__ import annotations
+
+import re
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from triserve.frontends.auth import CallKind, Gate, Refusal, bearer_token
+from triserve.frontends.http.refusal import refuse
+
+_HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+_MODEL_CONTROL = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
+_AUTHORIZATION = b"authorization"
+
+
+def call_kind(method: str, path: str) -> CallKind:
+    if path in _HEALTH_PATHS:
+        return CallKind.HEALTH
+    if _MODEL_CONTROL.match(path):
+        return CallKind.CONTROL
+    return CallKind.API
+
+
+class AuthMiddleware:
+    """Refuses HTTP requests whose key the :class:`Gate` does not accept."""
+
+    def __init__(self, app: ASGIApp, gate: Gate):
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.gate.enabled:
+            await self.app(scope, receive, send)
+            return
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == _AUTHORIZATION:
+                authorization = value.decode("latin-1")
+                break
+        denied = self.gate.check(call_kind(scope["method"], scope["path"]), bearer_token(authorization))
+        if denied is None:
+            await self.app(scope, receive, send)
+            return
+        if denied.refusal is Refusal.UNAUTHENTICATED:
+            await refuse(scope, send, 401, denied.message, openai_code="invalid_api_key",
+                         headers=[(b"www-authenticate", b"Bearer")], close=True)
+        else:
+            await refuse(scope, send, 403, denied.message, close=True)
