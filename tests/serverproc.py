@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -34,6 +35,11 @@ class ServerProcess:
     metrics_port: int = field(default_factory=free_port)
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
+    # for servers started with --api-key (and no --open-health): sent with the readiness probe
+    headers: dict[str, str] = field(default_factory=dict)
+    # for servers started with --tls-cert: the CA that signed it (and a client cert for mutual TLS)
+    tls_ca: Path | None = None
+    tls_client: tuple[Path, Path] | None = None
 
     @property
     def http_url(self) -> str:
@@ -45,7 +51,15 @@ class ServerProcess:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls_ca else 'http'}://127.0.0.1:{self.http_port}"
+
+    def _probe_context(self) -> ssl.SSLContext | None:
+        if self.tls_ca is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_ca))
+        if self.tls_client is not None:
+            context.load_cert_chain(*map(str, self.tls_client))
+        return context
 
     def start(self, until: str = "ready") -> "ServerProcess":
         """Start the server and wait until ``/v2/health/<until>`` answers 200 ("ready" or "live")."""
@@ -72,7 +86,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"triserve exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"{self.base_url}/v2/health/{until}", timeout=1) as r:
+                probe = urllib.request.Request(f"{self.base_url}/v2/health/{until}", headers=self.headers)
+                with urllib.request.urlopen(probe, timeout=1, context=self._probe_context()) as r:
                     if r.status == 200:
                         return
             except OSError:

@@ -17,7 +17,7 @@ from langchain_core.utils import from_env, secret_from_env
 from pydantic import Field, SecretStr
 
 from triserve.langchain.transport import (
-    SSE_DONE, TriserveError, async_client, raise_for_error, sse_event, sync_client,
+    SSE_DONE, TriserveError, async_client, bearer_headers, raise_for_error, sse_event, sync_client,
 )
 
 PROVIDER = "triserve"
@@ -94,7 +94,7 @@ class ChatTriserve(BaseChatModel):
     ```
 
     ``base_url`` and ``api_key`` default to ``TRISERVE_BASE_URL`` and ``TRISERVE_API_KEY``.
-    The key is sent as a bearer token (for a gateway in front of triserve).
+    The key is sent as a bearer token (a server started with ``--api-key`` needs it).
     """
 
     model: str = "smollm2"
@@ -151,9 +151,7 @@ class ChatTriserve(BaseChatModel):
 
     @property
     def _headers(self) -> dict[str, str]:
-        if self.api_key is None:
-            return {}
-        return {"Authorization": f"Bearer {self.api_key.get_secret_value()}"}
+        return bearer_headers(self.api_key)
 
     @staticmethod
     def _chat_result(body: dict[str, Any]) -> ChatResult:

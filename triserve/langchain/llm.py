@@ -20,9 +20,10 @@ from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
-from pydantic import field_validator
+from langchain_core.utils import secret_from_env
+from pydantic import Field, SecretStr, field_validator
 
-from triserve.langchain.transport import raise_for_error, sync_client
+from triserve.langchain.transport import bearer_headers, raise_for_error, sync_client
 
 # The seed's Predict URL (its article spells the path both ways).
 _SEED_PREDICT_PATH = re.compile(r"/+Mu(?:lti|til)BackendService/Predict/*$")
@@ -52,7 +53,7 @@ class TriserveLLM(LLM):
     ```python
     from triserve.langchain import TriserveLLM
 
-    llm = TriserveLLM(url="http://127.0.0.1:8000")
+    llm = TriserveLLM(url="http://127.0.0.1:8000")  # api_key=... (or $TRISERVE_API_KEY) if the server needs one
     answer, history = llm.chat("What is 2 + 2?")
     answer, history = llm.chat("And times 3?", history)
     ```
@@ -66,6 +67,8 @@ class TriserveLLM(LLM):
     max_new_tokens: int | None = None  # cap on the reply alone (the chat contract's max_new_tokens)
     timeout: float = 120.0
     max_retries: int = 2
+    # sent as 'Authorization: Bearer <key>' (a server started with --api-key needs it)
+    api_key: SecretStr | None = Field(default_factory=secret_from_env("TRISERVE_API_KEY", default=None))
 
     @field_validator("url")
     @classmethod
@@ -81,6 +84,10 @@ class TriserveLLM(LLM):
         return {"url": self.url, "model": self.model, "max_token": self.max_token,
                 "temperature": self.temperature, "history_len": self.history_len,
                 "max_new_tokens": self.max_new_tokens}
+
+    @property
+    def _headers(self) -> dict[str, str]:
+        return bearer_headers(self.api_key)
 
     def _infer_body(self, query: str, history: History) -> dict[str, Any]:
         flat_history = [text for pair in history for text in pair]
@@ -104,7 +111,7 @@ class TriserveLLM(LLM):
         """
         with sync_client(self.timeout, self.max_retries) as client:
             response = client.post(f"{self.url}/v2/models/{self.model}/infer",
-                                   json=self._infer_body(query, history or []))
+                                   json=self._infer_body(query, history or []), headers=self._headers)
         raise_for_error(response)
         outputs = {output["name"]: output["data"] for output in response.json()["outputs"]}
         answer = cut_at_stop(outputs["response"][0], stop)

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 
 class TriserveError(RuntimeError):
@@ -39,6 +40,13 @@ def raise_for_error(response: httpx.Response) -> None:
     """Raise :class:`TriserveError` for a 4xx/5xx answer (its body must have been read)."""
     if response.status_code >= 400:
         raise TriserveError(response.status_code, error_message(response.content))
+
+
+def bearer_headers(api_key: SecretStr | None) -> dict[str, str]:
+    """The ``Authorization`` header for a server started with ``--api-key`` (none without a key)."""
+    if api_key is None:
+        return {}
+    return {"Authorization": f"Bearer {api_key.get_secret_value()}"}
 
 
 def sync_client(timeout: float | None, max_retries: int) -> httpx.Client:
