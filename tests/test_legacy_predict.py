@@ -135,3 +135,38 @@ def test_errors_are_json_with_4xx(core_server, document, status, words):
 def test_malformed_json_is_400(core_server):
     response = requests.post(f"{core_server.base_url}/MutilBackendService/Predict", data=b"{nope", timeout=10)
     assert response.status_code == 400 and "ModelInferRequest" in response.json()["error"]
+
+
+def test_non_utf8_body_is_400(core_server):
+    response = requests.post(f"{core_server.base_url}/MultiBackendService/Predict",
+                             data=b'{"model_name": "chat_echo\xff\xfe"}', timeout=10)
+    assert response.status_code == 400 and "not UTF-8" in response.json()["error"]
+
+
+@pytest.mark.parametrize("value", ["aGVsbG8=!!", "aGVs bG8=", "a", "aGVsbG8===", "aGVsbG8=aGVs", "aGVsbG*="],
+                         ids=["junk-after", "space", "one-char", "three-pads", "pad-inside", "star"])
+def test_invalid_base64_is_400_naming_the_input(core_server, value):
+    """protobuf's own decoder would drop what it cannot read and pass the rest on as other bytes."""
+    document = {"model_name": "identity_bytes", "inputs": [
+        {"name": "INPUT0", "datatype": "BYTES", "shape": [1], "contents": {"bytes_contents": [value]}}]}
+    response = requests.post(f"{core_server.base_url}/MultiBackendService/Predict", json=document, timeout=10)
+    assert response.status_code == 400
+    assert response.json()["error"] == "input 'INPUT0': contents.bytes_contents[0] is not valid base64"
+    document = {"model_name": "identity_fp32", "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1]}],
+                "raw_input_contents": [value]}
+    response = requests.post(f"{core_server.base_url}/MultiBackendService/Predict", json=document, timeout=10)
+    assert response.status_code == 400
+    assert response.json()["error"] == "raw_input_contents[0] (input 'INPUT0') is not valid base64"
+
+
+@pytest.mark.parametrize("value", ["aGVsbG8=", "aGVsbG8", "-_-_", "+/+/"], ids=["padded", "unpadded", "url-safe",
+                                                                          "standard"])
+def test_valid_base64_spellings_are_decoded(core_server, value):
+    """Proto3 JSON takes standard and URL-safe base64, with or without padding."""
+    document = {"model_name": "identity_bytes", "inputs": [
+        {"name": "INPUT0", "datatype": "BYTES", "shape": [1], "contents": {"bytes_contents": [value]}}]}
+    response = requests.post(f"{core_server.base_url}/MultiBackendService/Predict", json=document, timeout=10)
+    assert response.status_code == 200, response.text
+    raw = base64.b64decode(response.json()["raw_output_contents"][0])
+    expected = base64.urlsafe_b64decode(value.replace("+", "-").replace("/", "_") + "=" * (-len(value) % 4))
+    assert raw == struct.pack("<I", len(expected)) + expected

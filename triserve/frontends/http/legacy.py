@@ -40,25 +40,34 @@ SERVICE_NAMES = ("MultiBackendService", "MutilBackendService")
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]*")
 
 
+def _is_base64(value: str) -> bool:
+    data = value.rstrip("=")
+    padding = len(value) - len(data)
+    return (_BASE64.fullmatch(data) is not None and len(data) % 4 != 1 and padding <= 2
+            and (padding == 0 or len(value) % 4 == 0))
+
+
 def _check_base64(document: Any) -> None:
-    """Every ``contents.bytes_contents`` element must be valid base64; the error names the input."""
-    inputs = document.get("inputs") if isinstance(document, dict) else None
-    for index, tensor in enumerate(inputs if isinstance(inputs, list) else []):
+    """Every ``bytes_contents`` element and ``raw_input_contents`` entry must be valid base64;
+    the error names the input it belongs to."""
+    if not isinstance(document, dict):
+        return
+    inputs = document.get("inputs") if isinstance(document.get("inputs"), list) else []
+    names = [tensor.get("name") if isinstance(tensor, dict) and isinstance(tensor.get("name"), str)
+             else f"#{index}" for index, tensor in enumerate(inputs)]
+    for tensor, name in zip(inputs, names):
         contents = tensor.get("contents") if isinstance(tensor, dict) else None
         values = (contents.get("bytes_contents", contents.get("bytesContents"))
                   if isinstance(contents, dict) else None)
-        if not isinstance(values, list):
-            continue
-        name = tensor.get("name") if isinstance(tensor.get("name"), str) else f"#{index}"
-        for position, value in enumerate(values):
-            if not isinstance(value, str):
-                continue  # protobuf names the wrong type
-            data = value.rstrip("=")
-            padding = len(value) - len(data)
-            if (not _BASE64.fullmatch(data) or len(data) % 4 == 1 or padding > 2
-                    or (padding and len(value) % 4)):
+        for position, value in enumerate(values if isinstance(values, list) else []):
+            if isinstance(value, str) and not _is_base64(value):  # other types: protobuf names them
                 raise InferError.invalid(
                     f"input '{name:.80}': contents.bytes_contents[{position}] is not valid base64")
+    raw = document.get("raw_input_contents", document.get("rawInputContents"))
+    for position, value in enumerate(raw if isinstance(raw, list) else []):
+        if isinstance(value, str) and not _is_base64(value):
+            owner = f" (input '{names[position]:.80}')" if position < len(names) else ""
+            raise InferError.invalid(f"raw_input_contents[{position}]{owner} is not valid base64")
 
 
 def parse_predict_request(body: bytes) -> service_pb2.ModelInferRequest:
