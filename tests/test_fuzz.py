@@ -120,7 +120,7 @@ def binary_bodies(draw):
     return header + payload + draw(st.binary(max_size=8)), header_length
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(binary_bodies())
 def test_binary_extension_decoding_only_raises_invalid_argument(body_and_length):
     body, header_length = body_and_length
@@ -133,7 +133,7 @@ def test_binary_extension_decoding_only_raises_invalid_argument(body_and_length)
             assert tensor.data.size == datatypes.element_count(tensor.shape)
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(binary_bodies(), st.sampled_from(["identity_fp32", "identity_bytes", "identity_int8", "identity_bool"]))
 def test_binary_extension_over_http_never_answers_5xx(fuzz_server, body_and_length, model):
     body, header_length = body_and_length
@@ -142,7 +142,7 @@ def test_binary_extension_over_http_never_answers_5xx(fuzz_server, body_and_leng
     assert response.status_code < 500, response.text
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.binary(max_size=40), min_size=1, max_size=8))
 def test_bytes_tensors_round_trip_through_http(fuzz_server, items):
     """Arbitrary bytes (not UTF-8 included) in, the same bytes out, as binary data."""
@@ -160,7 +160,7 @@ def test_bytes_tensors_round_trip_through_http(fuzz_server, items):
 # --- the BYTES codec (core/datatypes.py) -------------------------------------------------------
 
 
-@settings(max_examples=150, deadline=None, database=None)
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.one_of(st.binary(max_size=64), st.text(max_size=16)), max_size=20))
 def test_bytes_codec_round_trips(items):
     array = np.empty(len(items), dtype=np.object_)
@@ -171,7 +171,7 @@ def test_bytes_codec_round_trips(items):
     assert datatypes.from_raw(packed, "BYTES").tolist() == expected
 
 
-@settings(max_examples=500, deadline=None, database=None)
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
 @given(st.binary(max_size=96), st.one_of(st.none(), st.integers(min_value=0, max_value=8)))
 def test_bytes_codec_on_arbitrary_data_only_raises_value_error(data, max_items):
     try:
@@ -185,7 +185,7 @@ def test_bytes_codec_on_arbitrary_data_only_raises_value_error(data, max_items):
         assert datatypes.pack_bytes(items) == data  # what decodes is exactly what was sent
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(st.binary(max_size=64), st.sampled_from(DATATYPES), st.one_of(st.none(), st.integers(0, 8)))
 def test_raw_decoding_of_every_datatype_only_raises_value_error(data, datatype, max_items):
     try:
@@ -204,7 +204,7 @@ edge_ints = st.sampled_from([0, 1, 2, 50, 2**31, 2**53, 2**63 - 1, 2**63, -1])
 
 
 @pytest.mark.slow
-@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(temperature=edge_floats, top_p=edge_floats, top_k=edge_ints, repetition_penalty=edge_floats,
        seed=edge_ints, stream=st.booleans())
 def test_openai_sampling_edges_never_answer_5xx(chat_server, temperature, top_p, top_k, repetition_penalty,

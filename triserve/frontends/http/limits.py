@@ -96,10 +96,55 @@ class _Inflater:
             raise Refused(400, f"request body is not valid {self.encoding} data: the stream is truncated")
 
 
+class _Deadlines:
+    """Ends body reads that run past their deadline, with one timer for all of them.
+
+    A read registers its task and deadline (a dict entry: far cheaper per request than a
+    timeout context); a watcher task wakes up a few times per timeout and cancels the
+    overdue reads, which turn that cancellation into a 408.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._period = min(1.0, timeout / 4)
+        self._reads: dict[asyncio.Task, float] = {}
+        self._expired: set[asyncio.Task] = set()
+        self._watcher: asyncio.Task | None = None
+
+    def watch(self, task: asyncio.Task) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._reads[task] = asyncio.get_running_loop().time() + self.timeout
+
+    def unwatch(self, task: asyncio.Task) -> None:
+        self._reads.pop(task, None)
+
+    def expired(self, task: asyncio.Task) -> bool:
+        """Whether ``task`` was cancelled for being overdue (asked once, in its CancelledError)."""
+        if task in self._expired:
+            self._expired.discard(task)
+            task.uncancel()
+            return True
+        return False
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._period)
+            now = loop.time()
+            for task, deadline in list(self._reads.items()):
+                if deadline <= now:
+                    # the task is suspended in its read loop, so the cancellation lands there
+                    del self._reads[task]
+                    self._expired.add(task)
+                    task.cancel()
+
+
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, limits: Limits):
         self.app = app
         self.limits = limits
+        self._deadlines = _Deadlines(limits.request_body_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -148,28 +193,32 @@ class BodyLimitMiddleware:
 
         parts: list[bytes] = []
         received = 0
-        deadline = asyncio.get_running_loop().time() + limits.request_body_timeout
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
+        task = asyncio.current_task()
+        self._deadlines.watch(task)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if received > limits.max_request_body:
+                    raise Refused(413, f"request body is over the limit of "
+                                       f"{format_size(limits.max_request_body)} (--max-request-body)")
+                if inflater is None:
+                    if chunk:
+                        parts.append(chunk)
+                else:
+                    await inflater.feed(chunk, parts)
+                if not message.get("more_body", False):
+                    break
+        except asyncio.CancelledError:
+            if self._deadlines.expired(task):
                 raise Refused(408, f"the request body did not arrive within the limit of "
                                    f"{limits.request_body_timeout:g} s (--request-body-timeout)") from None
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > limits.max_request_body:
-                raise Refused(413, f"request body is over the limit of {format_size(limits.max_request_body)} "
-                                   f"(--max-request-body)")
-            if inflater is None:
-                if chunk:
-                    parts.append(chunk)
-            else:
-                await inflater.feed(chunk, parts)
-            if not message.get("more_body", False):
-                break
+            raise
+        finally:
+            self._deadlines.unwatch(task)
         if inflater is not None:
             inflater.finish()
         body = parts[0] if len(parts) == 1 else b"".join(parts)
