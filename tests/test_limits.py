@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import queue
+import select
 import socket
 import struct
 import zlib
@@ -315,3 +316,29 @@ def test_a_refused_body_does_not_disturb_the_next_requests(server):
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
     reply = client.chat.completions.create(model="echo_chat", messages=[{"role": "user", "content": "still here"}])
     assert "still here" in reply.choices[0].message.content
+
+
+def test_a_huge_request_head_is_431_and_a_trickled_one_408(server):
+    """uvicorn alone reads a request head of any size (quadratic time in httptools) and
+    waits for it forever: 200 MB of one header and a head sent a byte at a time."""
+    before = rss(server.proc.pid)
+    with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sent = 0
+        try:
+            while sent < 200 * MiB and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(b"a" * MiB)
+                sent += MiB
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        response = read_response(sock, timeout=10)
+    assert response.status == 431 and "64 KiB" in json.loads(response.body)["error"]
+    assert sent < 200 * MiB
+    assert rss(server.proc.pid) - before < 32 * MiB
+
+    with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHo")  # and nothing more
+        assert requests.get(f"{server.base_url}/v2/health/ready", timeout=5).status_code == 200
+        response = read_response(sock, timeout=30)
+    assert response.status == 408 and "--request-body-timeout" in json.loads(response.body)["error"]
+    assert_serving(server)

@@ -31,6 +31,7 @@ from triserve.frontends.auth import Gate
 from triserve.frontends.grpc.service import create_grpc_server
 from triserve.frontends.http.app import create_app
 from triserve.frontends.http.auth import AuthMiddleware
+from triserve.frontends.http.protocol import bounded_protocol
 from triserve.frontends.metrics import create_metrics_app
 from triserve.options import ServerOptions
 
@@ -62,6 +63,8 @@ def _uvicorn(app, options: ServerOptions, port: int, access_log: bool) -> _Embed
         proxy_headers=False, server_header=False, date_header=False,
         ssl_certfile=tls.cert, ssl_keyfile=tls.key, ssl_ca_certs=tls.client_ca,
         ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE,
+        # httptools with a bounded request head (size and time): frontends/http/protocol.py
+        http=bounded_protocol(options.limits.request_body_timeout),
     ))
 
 
