@@ -119,7 +119,7 @@ async def serve(options: ServerOptions) -> None:
                            lifecycle=lifecycle, allowed_roots=options.allowed_model_roots)
     http = _uvicorn(create_app(core, options), options, options.http_port, options.log_verbose > 0)
     metrics = _uvicorn(AuthMiddleware(create_metrics_app(), Gate(options.access)), options,
-                       options.metrics_port, False)
+                       options.metrics_port, False)  # the middleware passes everything when no key is set
     http_listener = _listen(options.host, options.http_port, "HTTP")
     metrics_listener = _listen(options.host, options.metrics_port, "metrics")
     grpc_address = f"{options.host}:{options.grpc_port}"

@@ -34,7 +34,6 @@ logger = logging.getLogger("triserve.grpc")
 SERVICE_NAME = "inference.GRPCInferenceService"
 
 
-
 def server_options(limits: Limits) -> list[tuple[str, int]]:
     """grpc core options: message size limits (grpc answers RESOURCE_EXHAUSTED past them,
     naming both sizes, before the message is handed to us) and no port sharing."""
@@ -102,7 +101,8 @@ def unary(handler: Handler) -> Handler:
         except InferError as error:
             await context.abort(STATUS_CODE[error.code], error.message)
         except Exception as error:  # a bug must reach the client as INTERNAL, not hang or vanish
-            await context.abort(grpc.StatusCode.INTERNAL, report_bug(logger, f"serving gRPC {handler.__name__}", error))
+            message = report_bug(logger, f"serving gRPC {handler.__name__}", error)
+            await context.abort(grpc.StatusCode.INTERNAL, message)
 
     return wrapper
 
@@ -187,7 +187,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: service_pb2.ModelInferRequest, context: Context
     ) -> service_pb2.ModelInferResponse:
-        response = await self.core.infer(kserve_proto.request_from_proto(request, self.limits.max_tensor_elements))
+        infer_request = kserve_proto.request_from_proto(request, self.limits.max_tensor_elements)
+        response = await self.core.infer(infer_request)
         return kserve_proto.response_to_proto(response)
 
     async def ModelStreamInfer(

@@ -53,7 +53,9 @@ class TriserveApp(Starlette):
         super().__init__(**starlette_options)
         self._core = core
         self._limits = limits
-        self._entry = AuthMiddleware(BodyLimitMiddleware(self._dispatch, limits), Gate(access))
+        gate = Gate(access)
+        limited = BodyLimitMiddleware(self._dispatch, limits)
+        self._entry = AuthMiddleware(limited, gate) if gate.enabled else limited
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._entry(scope, receive, send)
