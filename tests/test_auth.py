@@ -178,6 +178,13 @@ def test_grpc_health_follows_open_health(keyed, env_keyed):
                 with pytest.raises(grpc.RpcError) as error:
                     stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
                 assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as error:  # the server-streaming Watch too
+                    next(iter(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10)))
+                assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=10,
+                                   metadata=[("authorization", f"Bearer {API_KEY}")])
+                assert next(iter(watch)).status == health_pb2.HealthCheckResponse.SERVING
+                watch.cancel()
         client = grpcclient.InferenceServerClient(server.grpc_url)
         if open_health:
             assert client.is_server_live() and client.is_server_ready()
