@@ -76,7 +76,7 @@ def _add_limits(serve: argparse.ArgumentParser) -> None:
                        help="requests of one gRPC ModelStreamInfer stream running at once "
                             f"(default: {default.grpc_max_stream_in_flight})")
     group.add_argument("--request-body-timeout", type=_positive_float, default=default.request_body_timeout,
-                       metavar="SECONDS", help="time an HTTP request body may take to arrive "
+                       metavar="SECONDS", help="time an HTTP request head, then its body, may take to arrive "
                                                f"(default: {default.request_body_timeout:g})")
 
 

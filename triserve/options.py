@@ -39,7 +39,7 @@ class Limits:
     # Requests of one gRPC ModelStreamInfer stream running at once; beyond it the stream
     # answers that request with an error (and reading the stream waits for the client to read).
     grpc_max_stream_in_flight: int = 256
-    # Seconds an HTTP request body may take to arrive (a trickled body is refused with 408).
+    # Seconds an HTTP request head, then its body, may take to arrive (a trickled one gets 408).
     request_body_timeout: float = 60.0
 
 
