@@ -106,7 +106,7 @@ class _Deadlines:
 
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self._period = min(1.0, timeout / 4)
+        self._period = max(0.05, min(1.0, timeout / 4))  # deadlines are kept to within a period
         self._reads: dict[asyncio.Task, float] = {}
         self._expired: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None

@@ -29,7 +29,7 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 class _HeadDeadlines:
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self._period = min(1.0, timeout / 4)
+        self._period = max(0.05, min(1.0, timeout / 4))  # deadlines are kept to within a period
         self._heads: dict[BoundedHttpToolsProtocol, float] = {}
         self._watcher: asyncio.Task | None = None
 
