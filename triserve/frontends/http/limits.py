@@ -27,6 +27,7 @@ import zlib
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from triserve.frontends.http import binary, jsonio
+from triserve.frontends.http.deadlines import Deadlines
 from triserve.frontends.http.refusal import refuse
 from triserve.options import Limits
 
@@ -96,28 +97,19 @@ class _Inflater:
             raise Refused(400, f"request body is not valid {self.encoding} data: the stream is truncated")
 
 
-class _Deadlines:
-    """Ends body reads that run past their deadline, with one timer for all of them.
-
-    A read registers its task and deadline (a dict entry: far cheaper per request than a
-    timeout context); a watcher task wakes up a few times per timeout and cancels the
-    overdue reads, which turn that cancellation into a 408.
-    """
+class _OverdueReads:
+    """Body reads past their deadline: their tasks are cancelled (the cancellation lands in
+    the read loop, where the task is suspended) and remembered, so the read answers 408."""
 
     def __init__(self, timeout: float):
-        self.timeout = timeout
-        self._period = max(0.05, min(1.0, timeout / 4))  # deadlines are kept to within a period
-        self._reads: dict[asyncio.Task, float] = {}
+        self._deadlines: Deadlines[asyncio.Task] = Deadlines(timeout, self._expire)
         self._expired: set[asyncio.Task] = set()
-        self._watcher: asyncio.Task | None = None
+        self.watch = self._deadlines.watch
+        self.unwatch = self._deadlines.unwatch
 
-    def watch(self, task: asyncio.Task) -> None:
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
-        self._reads[task] = asyncio.get_running_loop().time() + self.timeout
-
-    def unwatch(self, task: asyncio.Task) -> None:
-        self._reads.pop(task, None)
+    def _expire(self, task: asyncio.Task) -> None:
+        self._expired.add(task)
+        task.cancel()
 
     def expired(self, task: asyncio.Task) -> bool:
         """Whether ``task`` was cancelled for being overdue (asked once, in its CancelledError)."""
@@ -127,24 +119,12 @@ class _Deadlines:
             return True
         return False
 
-    async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self._period)
-            now = loop.time()
-            for task, deadline in list(self._reads.items()):
-                if deadline <= now:
-                    # the task is suspended in its read loop, so the cancellation lands there
-                    del self._reads[task]
-                    self._expired.add(task)
-                    task.cancel()
-
 
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, limits: Limits):
         self.app = app
         self.limits = limits
-        self._deadlines = _Deadlines(limits.request_body_timeout)
+        self._deadlines = _OverdueReads(limits.request_body_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

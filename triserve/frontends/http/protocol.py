@@ -8,16 +8,15 @@ larger than :data:`MAX_REQUEST_HEAD` with 431, and one that has not arrived with
 request timeout (``--request-body-timeout``, which then covers head and body) with 408,
 closing the connection in both cases. The body is bounded by :mod:`.limits`.
 
-Deadlines are kept in one dict scanned by one watcher task, not a timer per request.
+Deadlines are :class:`.deadlines.Deadlines`: one dict and one watcher task, no timer per request.
 """
 
 from __future__ import annotations
 
-import asyncio
-
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from triserve.frontends.http import jsonio
+from triserve.frontends.http.deadlines import Deadlines
 from triserve.frontends.http.errors import error_body
 
 # Request line and headers; nginx allows 4 x 8 KiB, Node 16 KiB: 64 KiB leaves room for long tokens.
@@ -26,36 +25,8 @@ MAX_REQUEST_HEAD = 64 * 1024
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
-class _HeadDeadlines:
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self._period = max(0.05, min(1.0, timeout / 4))  # deadlines are kept to within a period
-        self._heads: dict[BoundedHttpToolsProtocol, float] = {}
-        self._watcher: asyncio.Task | None = None
-
-    def watch(self, protocol: BoundedHttpToolsProtocol) -> None:
-        loop = asyncio.get_running_loop()
-        if self._watcher is None or self._watcher.done():
-            self._watcher = loop.create_task(self._watch())
-        self._heads[protocol] = loop.time() + self.timeout
-
-    def unwatch(self, protocol: BoundedHttpToolsProtocol) -> None:
-        self._heads.pop(protocol, None)
-
-    async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self._period)
-            now = loop.time()
-            for protocol, deadline in list(self._heads.items()):
-                if deadline <= now:
-                    del self._heads[protocol]
-                    protocol.refuse(408, f"the request head did not arrive within the limit of "
-                                         f"{self.timeout:g} s (--request-body-timeout)")
-
-
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    deadlines: _HeadDeadlines  # set by :func:`bounded_protocol`
+    deadlines: Deadlines[BoundedHttpToolsProtocol]  # set by :func:`bounded_protocol`
     _in_head = False
     _head_bytes = 0
 
@@ -99,5 +70,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
 def bounded_protocol(head_timeout: float) -> type[BoundedHttpToolsProtocol]:
     """The protocol class for one uvicorn server (its deadlines are its own)."""
+    def expire(protocol: BoundedHttpToolsProtocol) -> None:
+        protocol.refuse(408, f"the request head did not arrive within the limit of {head_timeout:g} s "
+                             "(--request-body-timeout)")
+
     return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,),
-                {"deadlines": _HeadDeadlines(head_timeout)})
+                {"deadlines": Deadlines(head_timeout, expire)})
