@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import ssl
+import subprocess
+import sys
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import requests
@@ -154,9 +154,6 @@ def test_mutual_tls_needs_a_client_certificate(mtls_server, certificates):
 
 
 def test_tls_options_are_checked_at_the_command_line(tmp_path, certificates):
-    import subprocess
-    import sys
-
     def serve(*args):
         return subprocess.run([sys.executable, "-m", "triserve", "serve", "--model-repository", str(tmp_path), *args],
                               capture_output=True, text=True, timeout=60)
