@@ -95,6 +95,16 @@ def test_every_route_needs_the_key(keyed, method, path, body):
     assert response.status_code == 200
 
 
+def test_the_chat_page_opens_without_the_key_and_its_calls_need_it(keyed):
+    """A browser cannot send a bearer token when it opens a page: the page's static files are
+    open (they hold no data), and the page asks for the key that its API calls carry."""
+    page = requests.get(keyed.base_url + "/", timeout=10)
+    assert page.status_code == 200 and 'id="api_key"' in page.text
+    assert requests.get(keyed.base_url + "/ui/app.js", timeout=10).status_code == 200
+    assert requests.post(keyed.base_url + "/", json={"prompt": "hi"}, timeout=10).status_code == 401
+    assert requests.get(keyed.base_url + "/v1/models", timeout=10).status_code == 401
+
+
 def test_open_health_leaves_only_health_open(env_keyed):
     for path in ("/v2/health/ready", "/v2/health/live"):
         assert requests.get(env_keyed.base_url + path, timeout=10).status_code == 200

@@ -1,7 +1,7 @@
 """Who may call what: the API-key rule every frontend (HTTP, gRPC, metrics) applies.
 
-Calls fall into three kinds. ``HEALTH`` (liveness/readiness) needs no key with
-``--open-health``; ``CONTROL`` (repository load/unload) needs the model control key,
+Calls fall into four kinds. ``PUBLIC`` (the chat page's static files) is always open.
+``HEALTH`` (liveness/readiness) needs no key with ``--open-health``; ``CONTROL`` (repository load/unload) needs the model control key,
 and is refused to everyone when an API key is set without one; ``API`` is every
 other call, which needs the API key when one is set. The frontends only say which
 kind a call is and where its bearer token is; this module decides.
@@ -21,6 +21,7 @@ from triserve.options import Access
 
 
 class CallKind(enum.Enum):
+    PUBLIC = "public"  # the chat page's static files: no data; the page sends the key on its calls
     HEALTH = "health"
     CONTROL = "model control"
     API = "api"
@@ -67,6 +68,8 @@ class Gate:
 
     def check(self, kind: CallKind, token: str | None) -> Denied | None:
         """None when the call may go on, else why not (the message never echoes the token)."""
+        if kind is CallKind.PUBLIC:
+            return None
         if kind is CallKind.HEALTH and self.access.open_health:
             return None
         if kind is CallKind.CONTROL:

@@ -17,10 +17,15 @@ from triserve.frontends.http.refusal import refuse
 
 _HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 _MODEL_CONTROL = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")
+# The chat page (frontends/http/ui): a browser cannot send a bearer token when it opens a page,
+# so the page loads without one and asks for the key, which its own API calls then carry.
+_PAGE = re.compile(r"^/(ui(/[^/]*)?)?$")
 _AUTHORIZATION = b"authorization"
 
 
 def call_kind(method: str, path: str) -> CallKind:
+    if method in ("GET", "HEAD") and _PAGE.match(path):
+        return CallKind.PUBLIC
     if path in _HEALTH_PATHS:
         return CallKind.HEALTH
     if _MODEL_CONTROL.match(path):
