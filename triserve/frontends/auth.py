@@ -1,9 +1,10 @@
 """Who may call what: the API-key rule every frontend (HTTP, gRPC, metrics) applies.
 
 Calls fall into four kinds. ``PUBLIC`` (the chat page's static files) is always open.
-``HEALTH`` (liveness/readiness) needs no key with ``--open-health``; ``CONTROL`` (repository load/unload) needs the model control key,
-and is refused to everyone when an API key is set without one; ``API`` is every
-other call, which needs the API key when one is set. The frontends only say which
+``HEALTH`` (liveness/readiness) needs no key with ``--open-health``; ``CONTROL``
+(repository load/unload) needs the model control key, and is refused to everyone when
+an API key is set without one; ``API`` is every other call, which needs the API key
+when one is set. The frontends only say which
 kind a call is and where its bearer token is; this module decides.
 
 Keys are compared as SHA-256 digests with :func:`hmac.compare_digest`, so neither
