@@ -132,8 +132,9 @@ class LLMBackend(Backend):
         elif chat.grammar is not None:
             constraint = Constraint("grammar", chat.grammar, GRAMMAR)
         elif chat.tools and chat.tool_choice not in ("auto", "none"):
-            constraint = Constraint("grammar", call_grammar(chat.tools, chat.tool_choice, chat.parallel_tool_calls),
-                                    TOOL_CHOICE)
+            # One call unless the client asks for more: offered more, a small model repeats its call.
+            constraint = Constraint("grammar", call_grammar(chat.tools, chat.tool_choice,
+                                                            chat.parallel_tool_calls is True), TOOL_CHOICE)
         else:
             return None
         return self._grammars.compile(constraint)
@@ -264,10 +265,10 @@ class _Reply:
             self._end("stop", output, piece)
         elif output.finished:
             self._end(output.finish_reason, output, piece)
-        elif piece and self._chat.stream:
+        elif piece:
             if self._tool_calls is not None:
                 piece = self._tool_calls.feed(piece)
-            if piece:
+            if piece and self._chat.stream:
                 self._send(InferResponse(self._job.request.model_name, self._job.request.model_version,
                                          self._job.request.id, outputs=[_text_tensor(RESPONSE, piece),
                                                                         *self._logprobs_tensor()],

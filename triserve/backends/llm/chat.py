@@ -66,7 +66,7 @@ class ChatRequest:
     conversation: tuple[dict[str, Any], ...] | None = None  # `messages`, checked
     tools: tuple[dict[str, Any], ...] = ()  # the `function` objects of the tool definitions
     tool_choice: str = "auto"  # auto | none | required | a function name
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = None  # None: not sent (constrained calls: one)
     json_schema: str | None = None
     grammar: str | None = None
     logprobs: bool = False
@@ -198,8 +198,8 @@ def parse_chat_inputs(inputs: Mapping[str, np.ndarray]) -> ChatRequest:
         conversation=tool_format.parse_messages(text(MESSAGES)),
         tools=tools,
         tool_choice=tool_format.parse_tool_choice(text(TOOL_CHOICE), tools),
-        parallel_tool_calls=(scalars.get(PARALLEL_TOOL_CALLS) is None
-                             or _boolean(PARALLEL_TOOL_CALLS, scalars[PARALLEL_TOOL_CALLS])),
+        parallel_tool_calls=(None if scalars.get(PARALLEL_TOOL_CALLS) is None
+                             else _boolean(PARALLEL_TOOL_CALLS, scalars[PARALLEL_TOOL_CALLS])),
         json_schema=text(JSON_SCHEMA),
         grammar=text(GRAMMAR),
         logprobs=scalars.get(LOGPROBS) is not None and _boolean(LOGPROBS, scalars[LOGPROBS]),
