@@ -20,7 +20,8 @@ from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
-from pydantic import field_validator
+import httpx
+from pydantic import PrivateAttr, field_validator
 
 from triserve.langchain.transport import raise_for_error, sync_client
 
@@ -67,6 +68,8 @@ class TriserveLLM(LLM):
     timeout: float = 120.0
     max_retries: int = 2
 
+    _http: httpx.Client | None = PrivateAttr(default=None)  # one per object: connections are reused
+
     @field_validator("url")
     @classmethod
     def _accept_seed_url(cls, url: str) -> str:
@@ -102,8 +105,9 @@ class TriserveLLM(LLM):
         The history comes from the model's ``history`` output (so a model that trims it
         by ``history_len`` is respected); with stop words, the last answer in it is cut too.
         """
-        with sync_client(self.timeout, self.max_retries) as client:
-            response = client.post(f"{self.url}/v2/models/{self.model}/infer",
+        if self._http is None:
+            self._http = sync_client(self.timeout, self.max_retries)
+        response = self._http.post(f"{self.url}/v2/models/{self.model}/infer",
                                    json=self._infer_body(query, history or []))
         raise_for_error(response)
         outputs = {output["name"]: output["data"] for output in response.json()["outputs"]}

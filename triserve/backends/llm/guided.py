@@ -81,7 +81,7 @@ class GrammarCompiler:
                 raise InferError.invalid(f"{constraint.label}: not valid JSON: {exc}") from None
             if not isinstance(schema, dict):
                 raise InferError.invalid(f"{constraint.label}: a JSON schema must be a JSON object")
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(closed_objects(schema), overrides=_JSON_OPTIONS)
         else:
             grammar = llguidance.LLMatcher.grammar_from_lark(constraint.source)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self._tokenizer)
@@ -113,4 +113,19 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
 
 def json_grammar(schema: dict[str, Any]) -> str:
     """The ``%json`` Lark term for ``schema`` (for grammars that embed JSON, as tool calls do)."""
-    return "%json " + json.dumps({**schema, "x-guidance": _JSON_OPTIONS}, ensure_ascii=False)
+    return "%json " + json.dumps({**closed_objects(schema), "x-guidance": _JSON_OPTIONS}, ensure_ascii=False)
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists its
+    ``properties`` and says nothing about others (as OpenAI's strict mode requires): given
+    room, a small model invents keys."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: closed_objects(value) if key not in ("const", "enum", "default", "examples") else value
+              for key, value in schema.items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
