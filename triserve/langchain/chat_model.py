@@ -20,10 +20,12 @@ from langchain_core.language_models import BaseChatModel, LangSmithParams, Langu
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
 from langchain_core.messages.ai import InputTokenDetails, UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
-from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticToolsParser
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser, PydanticToolsParser,
+)
 from langchain_core.output_parsers.openai_tools import make_invalid_tool_call, parse_tool_call
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils import from_env, secret_from_env
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
@@ -156,6 +158,8 @@ class ChatTriserve(BaseChatModel):
     temperature: float | None = None
     max_tokens: int | None = None
     top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
     timeout: float | None = 60.0
@@ -227,8 +231,7 @@ class ChatTriserve(BaseChatModel):
             else:
                 response_format = {"type": "json_object"}
             llm = self.bind(response_format=response_format, ls_structured_output_format=traced, **kwargs)
-            parser = (RunnableLambda(lambda message: schema.model_validate_json(message.content)).with_types(
-                output_type=schema) if is_pydantic else JsonOutputParser())
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         else:
             raise ValueError(f"with_structured_output: unknown method {method!r}; expected json_schema, "
                              "function_calling or json_mode")
@@ -259,6 +262,7 @@ class ChatTriserve(BaseChatModel):
 
     def _sampling_params(self) -> dict[str, Any]:
         params = {"temperature": self.temperature, "max_tokens": self.max_tokens, "top_p": self.top_p,
+                  "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
                   "seed": self.seed, "stop": self.stop or None}
         return {key: value for key, value in params.items() if value is not None}
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 
 from triserve.core.errors import InferError
@@ -54,7 +53,8 @@ class Guide:
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into ``bitmask[row]`` (int32, 32 tokens a word)."""
-        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+        words = bitmask[row]
+        self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
 
     def accept(self, token: int) -> None:
         """Advance past the sampled token (the mask allowed it, so this cannot fail)."""
@@ -94,7 +94,8 @@ class GrammarCompiler:
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
-    return llguidance.torch.allocate_token_bitmask(rows, vocab_size)
+    """One row of 32-token int32 words per guided sequence (contiguous, as llguidance writes it)."""
+    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
 _BITS = torch.arange(32, dtype=torch.int32)
