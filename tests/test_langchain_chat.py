@@ -131,7 +131,7 @@ def test_model_kwarg_overrides_the_model(chat):
 
 
 async def test_server_errors_raise_with_the_server_message_async(chat):
-    with pytest.raises(TriserveError, match="logit_bias is not supported"):
+    with pytest.raises(TriserveError, match="'logit_bias' is not supported"):
         await chat.ainvoke("Hello", logit_bias={"1": 5})
     with pytest.raises(TriserveError, match="Invalid type for 'temperature'"):
         async for _ in chat.astream("Hello", temperature="warm"):

@@ -201,7 +201,7 @@ class ResponseFormat(Strict):
     @model_validator(mode="after")
     def _schema_with_json_schema(self) -> "ResponseFormat":
         if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("'json_schema' is required with type 'json_schema' and only allowed with it")
+            raise ValueError("'response_format': 'json_schema' is required with type 'json_schema' and only allowed with it")
         return self
 
 
@@ -237,7 +237,7 @@ class SamplingRequest(Strict):
         if self.stream_options is not None and not self.stream:
             raise ValueError("The 'stream_options' parameter is only allowed when 'stream' is enabled.")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError("'logit_bias' is not supported")
         return self
 
     @property
@@ -273,7 +273,7 @@ class ChatCompletionRequest(SamplingRequest):
             if not names:
                 raise ValueError("'tool_choice' other than 'none' or 'auto' needs 'tools'")
             if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-                raise ValueError(f"tool_choice names '{self.tool_choice.function.name}', which is not in 'tools'")
+                raise ValueError(f"'tool_choice' names function {self.tool_choice.function.name!r}, which is not in 'tools'")
         return self
 
     @property
