@@ -65,7 +65,7 @@ def main() -> None:
     out = results_dir("guided_decoding")
     runs: dict[str, list[dict[str, float]]] = {"free": [], "json_schema": []}
     with triserve_server(REPO_ROOT / "triserve" / "model_repository", out) as server, \
-            openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", timeout=300) as client:
+            openai.OpenAI(base_url=f"http://{server.http_url}/v1", api_key="unused", timeout=300) as client:
         for warmup in (False, True):
             one_run(client, 8, warmup)
         for round_ in range(args.rounds):
