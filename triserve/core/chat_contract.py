@@ -25,7 +25,7 @@ STOP = "stop"
 STREAM = "stream"
 RAW = "raw"
 # the whole conversation as JSON, instead of prompt/history/system: an array of OpenAI-style
-# messages ({"role", "content", "tool_calls", "tool_call_id"}), given to the chat template as they are
+# messages ({"role", "content", "tool_calls", "tool_call_id", "name"}), given to the chat template as they are
 MESSAGES = "messages"
 TOOLS = "tools"  # JSON array of OpenAI tool definitions ({"type": "function", "function": {...}})
 TOOL_CHOICE = "tool_choice"  # "auto" (default with tools) | "none" | "required" | a function's name

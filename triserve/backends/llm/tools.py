@@ -111,6 +111,8 @@ def parse_messages(text: str | None) -> tuple[dict[str, Any], ...] | None:
             entry["tool_calls"] = [_checked_call(f"{where}.tool_calls[{i}]", call) for i, call in enumerate(calls)]
         if role == "tool":
             entry["tool_call_id"] = str(message.get("tool_call_id") or "")
+        if message.get("name") is not None:
+            entry["name"] = str(message["name"])  # a template may show speaker names
         checked.append(entry)
     return tuple(checked)
 

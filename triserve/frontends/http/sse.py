@@ -22,7 +22,7 @@ from triserve.core.types import InferResponse
 from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.jsonio import sse_event
 
-__all__ = ["DONE", "EventStreamResponse", "event", "first_response", "next_response"]
+__all__ = ["DONE", "EventStreamResponse", "closing", "event", "first_response", "next_response"]
 
 DONE = b"data: [DONE]\n\n"
 event = sse_event

@@ -39,6 +39,8 @@ def contract_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     messages = []
     for message in body.messages:
         entry: dict[str, Any] = {"role": message.role, "content": message_text(message.content)}
+        if getattr(message, "name", None) is not None:
+            entry["name"] = message.name
         if isinstance(message, AssistantMessage) and message.tool_calls:
             entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
         if isinstance(message, ToolMessage):
@@ -100,8 +102,6 @@ class ChatCompletions(Endpoint):
                 inputs.add(TOOL_CHOICE, [name], "tool_choice")
             if body.parallel_tool_calls is not None:
                 inputs.add_scalar(PARALLEL_TOOL_CALLS, body.parallel_tool_calls, "parallel_tool_calls")
-        elif body.tool_choice not in (None, "none", "auto"):
-            raise FieldError("'tool_choice' needs 'tools'", "tool_choice")
         response_format = body.response_format
         if response_format is not None and response_format.type != "text":
             schema = {"type": "object"}
