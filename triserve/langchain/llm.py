@@ -20,8 +20,9 @@ from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.llms import LLM
+import httpx
 from langchain_core.utils import secret_from_env
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator
 
 from triserve.langchain.transport import bearer_headers, raise_for_error, sync_client
 
@@ -70,6 +71,8 @@ class TriserveLLM(LLM):
     # sent as 'Authorization: Bearer <key>' (a server started with --api-key needs it)
     api_key: SecretStr | None = Field(default_factory=secret_from_env("TRISERVE_API_KEY", default=None))
 
+    _http: httpx.Client | None = PrivateAttr(default=None)  # one per object: connections are reused
+
     @field_validator("url")
     @classmethod
     def _accept_seed_url(cls, url: str) -> str:
@@ -109,8 +112,9 @@ class TriserveLLM(LLM):
         The history comes from the model's ``history`` output (so a model that trims it
         by ``history_len`` is respected); with stop words, the last answer in it is cut too.
         """
-        with sync_client(self.timeout, self.max_retries) as client:
-            response = client.post(f"{self.url}/v2/models/{self.model}/infer",
+        if self._http is None:
+            self._http = sync_client(self.timeout, self.max_retries)
+        response = self._http.post(f"{self.url}/v2/models/{self.model}/infer",
                                    json=self._infer_body(query, history or []), headers=self._headers)
         raise_for_error(response)
         outputs = {output["name"]: output["data"] for output in response.json()["outputs"]}

@@ -54,7 +54,7 @@ def sync_client(timeout: float | None, max_retries: int) -> httpx.Client:
 
 
 def async_client(timeout: float | None, max_retries: int) -> httpx.AsyncClient:
-    """A new client per call: an ``httpx.AsyncClient`` is tied to the event loop it first ran on."""
+    """An async client; it belongs to the event loop it first runs on, so keep one per loop."""
     return httpx.AsyncClient(timeout=timeout, transport=httpx.AsyncHTTPTransport(retries=max_retries))
 
 

@@ -88,7 +88,7 @@ class TritonPythonModel:
     def _answer(self, request, sender) -> None:
         arrays = {name: tensor.as_numpy() for name in CHAT_INPUTS
                   if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
-        chat = parse_chat_inputs(arrays)
+        chat = parse_chat_inputs(arrays).resolved()  # unset sampling values: OpenAI's defaults
         # ChatGLM2's own prompt format ("[Round 1]\n\n问：...\n\n答："), as its model.chat builds it.
         text = chat.prompt if chat.raw else self.tokenizer.build_prompt(chat.prompt, list(chat.context_history))
         prompt_ids = self.tokenizer(text)["input_ids"]

@@ -2,14 +2,16 @@
 
 A config names a model (``parameters { key: "model" ... }``); auto-complete
 declares the chat contract's tensors and makes the model decoupled. Every
-request is rendered with the tokenizer's own chat template and handed to the
-continuous-batching :class:`LLMEngine` at once: the engine, not the core's
-scheduler, decides what runs together. ``capacity`` is what the engine holds
-(``max_num_seqs`` running + ``max_queue_size`` waiting); a request beyond it is
-refused at once with :class:`QueueFullError` (UNAVAILABLE), never queued
-without bound. Engine outputs arrive on the engine thread and are turned into
-responses on the event loop; a fault in one request's reply (detokenizing)
-ends that request alone.
+request is rendered with the tokenizer's own chat template (and its grammar, if
+it asks for JSON, a grammar or a tool call, compiled) in a worker thread, then
+handed to the continuous-batching :class:`LLMEngine` at once: the engine, not the
+core's scheduler, decides what runs together. ``capacity`` is what the engine
+holds (``max_num_seqs`` running + ``max_queue_size`` waiting); a request beyond it
+is refused at once with :class:`QueueFullError` (UNAVAILABLE), never queued
+without bound. Sampling values a request leaves unset come from the model's
+``generation_config``, else OpenAI's defaults. Engine outputs arrive on the
+engine thread and are turned into responses on the event loop; a fault in one
+request's reply (detokenizing) ends that request alone.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,9 +30,14 @@ from tritonclient.grpc import model_config_pb2
 
 from triserve.core.backend import Backend, Job, ModelContext
 from triserve.backends.llm.chat import (
-    ChatRequest, parse_chat_request, render_prompt, stop_token_ids,
+    OPENAI_SAMPLING_DEFAULTS, ChatRequest, parse_chat_request, render_prompt, stop_token_ids,
 )
-from triserve.core.chat_contract import CHAT_INPUTS, CHAT_OUTPUTS, REQUIRED_INPUTS
+from triserve.backends.llm.guided import Constraint, GrammarCompiler, Guide
+from triserve.backends.llm.tools import ToolCallReader, call_grammar
+from triserve.core.chat_contract import (
+    CHAT_INPUTS, CHAT_OUTPUTS, GRAMMAR, HISTORY, JSON_SCHEMA, LOGPROBS, REQUIRED_INPUTS, RESPONSE,
+    TOOL_CHOICE, TOOL_CALLS,
+)
 from triserve.backends.llm.detokenize import ReplyText
 from triserve.backends.llm.engine import (EngineOverloaded, EngineUnavailable, LLMEngine, SamplingParams,
                                           StepOutput)
@@ -53,6 +61,9 @@ class LLMBackend(Backend):
         self._stop_token_ids: frozenset[int] = frozenset()
         self._metrics: LLMMetrics | None = None
         self._request_ids = itertools.count()
+        self._grammars: GrammarCompiler | None = None
+        self._sampling_defaults: dict[str, Any] = {}
+        self._token_bytes: dict[int, bytes] = {}
 
     @classmethod
     def auto_complete_config(
@@ -83,7 +94,9 @@ class LLMBackend(Backend):
         settings = LLMSettings.from_config(context.config, context.model_dir)
         model, self._tokenizer = await asyncio.to_thread(load_model, settings, context.logger)
         self._stop_token_ids = stop_token_ids(self._tokenizer, model.generation_config)
+        self._sampling_defaults = generation_defaults(model.generation_config)
         self._engine = await asyncio.to_thread(LLMEngine, model, settings.engine)
+        self._grammars = await asyncio.to_thread(GrammarCompiler, self._tokenizer, self._engine.runner.vocab_size)
         self._engine.start()
         if settings.engine.faults.enabled:
             context.logger.warning("model '%s': fault injection is ON (%s): for tests only",
@@ -91,10 +104,12 @@ class LLMBackend(Backend):
         self._metrics = LLMMetrics(context.name, context.version, self._engine.stats)
         engine = settings.engine
         context.logger.info("model '%s': %s weights (quantization %s), %d engine threads, context %d "
-                            "tokens, %d sequences at once, %d more may wait, stop tokens %s",
+                            "tokens, %d sequences at once, %d more may wait, stop tokens %s, "
+                            "sampling defaults %s",
                             context.name, engine.dtype, engine.quantization, engine.threads,
                             engine.max_model_len, engine.max_num_seqs, engine.max_queue_size,
-                            sorted(self._stop_token_ids))
+                            sorted(self._stop_token_ids),
+                            {**OPENAI_SAMPLING_DEFAULTS, **self._sampling_defaults})
 
     async def unload(self) -> None:
         if self._metrics is not None:
@@ -134,11 +149,28 @@ class LLMBackend(Backend):
         """Start every job's generation; return when all have sent their final response."""
         await asyncio.gather(*(self._generate(job) for job in jobs))
 
+    def _prepare(self, job: Job) -> tuple[ChatRequest, list[int], SamplingParams]:
+        """Parse, render and compile the request's grammar (CPU work: runs in a worker thread)."""
+        chat = parse_chat_request(job.request).resolved(self._sampling_defaults)
+        prompt_ids = render_prompt(self._tokenizer, chat)
+        return chat, prompt_ids, self._sampling_params(chat, len(prompt_ids), self._guide(chat))
+
+    def _guide(self, chat: ChatRequest) -> Guide | None:
+        if chat.json_schema is not None:
+            constraint = Constraint("json_schema", chat.json_schema, JSON_SCHEMA)
+        elif chat.grammar is not None:
+            constraint = Constraint("grammar", chat.grammar, GRAMMAR)
+        elif chat.tools and chat.tool_choice not in ("auto", "none"):
+            # One call unless the client asks for more: offered more, a small model repeats its call.
+            constraint = Constraint("grammar", call_grammar(chat.tools, chat.tool_choice,
+                                                            chat.parallel_tool_calls is True), TOOL_CHOICE)
+        else:
+            return None
+        return self._grammars.compile(constraint)
+
     async def _generate(self, job: Job) -> None:
         try:
-            chat = parse_chat_request(job.request)
-            prompt_ids = render_prompt(self._tokenizer, chat)
-            params = self._sampling_params(chat, len(prompt_ids))
+            chat, prompt_ids, params = await asyncio.to_thread(self._prepare, job)
         except InferError as error:
             job.fail(error)
             return
@@ -147,7 +179,8 @@ class LLMBackend(Backend):
             return
         request_id = str(next(self._request_ids))
         abort = functools.partial(self._engine.abort, request_id)
-        reply = _Reply(job, chat, ReplyText(self._tokenizer, prompt_ids, chat.stop), self._metrics, abort)
+        reply = _Reply(job, chat, ReplyText(self._tokenizer, prompt_ids, chat.stop), self._metrics, abort,
+                       self._logprob_entry if chat.logprobs else None)
         try:
             self._engine.add_request(request_id, prompt_ids, params, reply.on_output)
         except ValueError as exc:
@@ -162,27 +195,79 @@ class LLMBackend(Backend):
         job.add_cancel_callback(abort)  # the engine then ends the request with "abort"
         await reply.done
 
-    def _sampling_params(self, chat: ChatRequest, prompt_tokens: int) -> SamplingParams:
+    def _sampling_params(self, chat: ChatRequest, prompt_tokens: int, guide: Guide | None) -> SamplingParams:
         context = self._engine.config.max_model_len
         return SamplingParams(
             max_new_tokens=chat.reply_budget(prompt_tokens, context, self.context.name),
             temperature=chat.temperature,
             top_p=chat.top_p,
             top_k=chat.top_k,
+            min_p=chat.min_p,
             repetition_penalty=chat.repetition_penalty,
+            presence_penalty=chat.presence_penalty,
+            frequency_penalty=chat.frequency_penalty,
             seed=chat.seed,
             stop_token_ids=self._stop_token_ids,
+            logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
+            guide=guide,
         )
+
+    def _logprob_entry(self, token: int, logprob: float, top: list[tuple[int, float]]) -> bytes:
+        """One token's logprobs as JSON (OpenAI's shape); called on the engine thread."""
+        def one(token_id: int, value: float) -> dict[str, Any]:
+            raw = self._bytes_of(token_id)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": value, "bytes": list(raw)}
+        return json.dumps({**one(token, logprob), "top_logprobs": [one(t, v) for t, v in top]}).encode()
+
+    def _bytes_of(self, token: int) -> bytes:
+        raw = self._token_bytes.get(token)
+        if raw is None:
+            raw = token_bytes(self._tokenizer, token)
+            self._token_bytes[token] = raw
+        return raw
+
+
+def generation_defaults(generation_config: Any) -> dict[str, Any]:
+    """The sampling values the model's generation_config sets explicitly (as HF's
+    ``generate`` would use them); ``do_sample: false`` there means greedy."""
+    if generation_config is None:
+        return {}
+    explicit = generation_config.to_diff_dict()
+    defaults = {name: explicit[name] for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+                if explicit.get(name) is not None}
+    if explicit.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
+
+
+def token_bytes(tokenizer: Any, token: int) -> bytes:
+    """The bytes a token stands for (byte-level BPE pieces may be part of a character)."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    byte_of = _byte_decoder()
+    if piece is not None and all(char in byte_of for char in piece):
+        return bytes(byte_of[char] for char in piece)
+    return tokenizer.decode([token]).encode("utf-8")
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character each byte is written as in the vocabulary."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class _Reply:
     """One request's reply: engine outputs in (engine thread), responses out (event loop)."""
 
     def __init__(self, job: Job, chat: ChatRequest, text: ReplyText, metrics: LLMMetrics,
-                 abort: Callable[[], None]):
+                 abort: Callable[[], None], logprob_entry: Callable[..., bytes] | None = None):
         self._job = job
         self._chat = chat
         self._text = text
+        self._tool_calls = ToolCallReader(chat.tools) if chat.uses_tools else None
+        self._logprob_entry = logprob_entry
+        self._logprobs: list[bytes] = []  # entries not yet sent
         self._metrics = metrics
         self._abort = abort  # ends the engine request (a stop string ended the reply)
         self._loop = asyncio.get_running_loop()
@@ -192,13 +277,16 @@ class _Reply:
 
     def on_output(self, output: StepOutput) -> None:
         """The engine's callback: hand the output to the event loop."""
-        self._loop.call_soon_threadsafe(self._handle, output)
+        entries = None
+        if self._logprob_entry is not None and output.logprobs:
+            entries = [self._logprob_entry(*entry) for entry in output.logprobs]
+        self._loop.call_soon_threadsafe(self._handle, output, entries)
 
-    def _handle(self, output: StepOutput) -> None:
+    def _handle(self, output: StepOutput, logprobs: list[bytes] | None = None) -> None:
         if self.done.done():
             return  # ended by a stop string or a fault; the engine's "abort" for it follows
         try:
-            self._take(output)
+            self._take(output, logprobs)
         except Exception as exc:  # a fault in this reply (detokenizer, stop strings) ends it alone
             logger.exception("request '%s' of model '%s': building the reply failed",
                              self._job.request.id, self._job.request.model_name)
@@ -207,9 +295,11 @@ class _Reply:
                 self._job.fail(InferError.internal(f"generation failed: {type(exc).__name__}: {exc}"))
                 self.done.set_result(None)
 
-    def _take(self, output: StepOutput) -> None:
+    def _take(self, output: StepOutput, logprobs: list[bytes] | None) -> None:
         if output.new_token_ids:
             self._observe_tokens(len(output.new_token_ids))
+        if logprobs:
+            self._logprobs.extend(logprobs)
         piece = self._text.add(output.new_token_ids)
         if output.finish_reason == "abort":
             self._end_aborted(output)
@@ -218,10 +308,14 @@ class _Reply:
             self._end("stop", output, piece)
         elif output.finished:
             self._end(output.finish_reason, output, piece)
-        elif piece and self._chat.stream:
-            self._send(InferResponse(self._job.request.model_name, self._job.request.model_version,
-                                     self._job.request.id, outputs=[_text_tensor("response", piece)],
-                                     final=False))
+        elif piece:
+            if self._tool_calls is not None:
+                piece = self._tool_calls.feed(piece)
+            if piece and self._chat.stream:
+                self._send(InferResponse(self._job.request.model_name, self._job.request.model_version,
+                                         self._job.request.id, outputs=[_text_tensor(RESPONSE, piece),
+                                                                        *self._logprobs_tensor()],
+                                         final=False))
 
     def _observe_tokens(self, count: int) -> None:
         now = time.monotonic_ns()
@@ -235,13 +329,24 @@ class _Reply:
     def _end(self, finish_reason: str, output: StepOutput, piece: str) -> None:
         """The final response: in a stream, this step's piece and whatever was held back."""
         rest = piece + self._text.finish()
+        text = self._text.text
+        outputs = []
+        if self._tool_calls is not None:
+            rest = self._tool_calls.feed(rest)
+            content, calls = self._tool_calls.finish()
+            rest += content
+            if calls:
+                text = content
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+                outputs.append(_texts_tensor(TOOL_CALLS, [json.dumps(call, ensure_ascii=False) for call in calls]))
         request = self._job.request
+        outputs.insert(0, _text_tensor(RESPONSE, rest if self._chat.stream else text))
+        if self._chat.prompt is not None:
+            outputs.append(InferTensor.from_numpy(HISTORY, self._chat.history_with(text), "BYTES"))
+        outputs.extend(self._logprobs_tensor())
         self._send(InferResponse(
             request.model_name, request.model_version, request.id,
-            outputs=[
-                _text_tensor("response", rest if self._chat.stream else self._text.text),
-                InferTensor.from_numpy("history", self._chat.history_with(self._text.text), "BYTES"),
-            ],
+            outputs=outputs,
             parameters={
                 "prompt_tokens": output.prompt_tokens,
                 "completion_tokens": self._completion_tokens,
@@ -249,6 +354,13 @@ class _Reply:
                 "finish_reason": finish_reason,
             },
         ))
+
+    def _logprobs_tensor(self) -> list[InferTensor]:
+        """The ``logprobs`` output with the entries not sent yet (none unless asked for)."""
+        if self._logprob_entry is None:
+            return []
+        entries, self._logprobs = self._logprobs, []
+        return [_texts_tensor(LOGPROBS, entries)]
 
     def _end_aborted(self, output: StepOutput) -> None:
         model = self._job.request.model_name
@@ -271,3 +383,9 @@ class _Reply:
 
 def _text_tensor(name: str, text: str) -> InferTensor:
     return InferTensor.from_numpy(name, np.array([text.encode("utf-8")], dtype=np.object_), "BYTES")
+
+
+def _texts_tensor(name: str, texts: list[str | bytes]) -> InferTensor:
+    array = np.empty(len(texts), dtype=np.object_)
+    array[:] = [text if isinstance(text, bytes) else text.encode("utf-8") for text in texts]
+    return InferTensor.from_numpy(name, array, "BYTES")

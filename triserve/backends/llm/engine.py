@@ -117,6 +117,8 @@ class StepOutput:
     cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     error: str | None = None  # set when the engine failed the request (finish_reason "abort")
     engine_fault: bool = False  # the error is the engine's (it restarted or stopped), not the request's
+    # per new token, when the request asked for logprobs: (token, logprob, top alternatives)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -436,22 +438,23 @@ class LLMEngine:
         sequence.token_ids.append(token)
         sequence.generated += 1
         self.generated_tokens_total += 1
+        logprobs = None if sequence.params.logprobs is None else [sequence.sampling.last_logprobs]
         if (sequence.generated >= sequence.params.max_new_tokens
                 or len(sequence.token_ids) >= self.config.max_model_len):
-            self._finish(sequence, "length", [token])
+            self._finish(sequence, "length", [token], logprobs=logprobs)
         else:
             self._deliver(sequence, StepOutput([token], False, None, sequence.prompt_tokens,
-                                               sequence.cached_tokens))
+                                               sequence.cached_tokens, logprobs=logprobs))
 
     def _finish(self, sequence: _Sequence, reason: str, tokens: list[int], error: str | None = None,
-                keep_kv: bool = True) -> None:
+                keep_kv: bool = True, logprobs: list | None = None) -> None:
         sequence.finished = True
         if sequence.slot >= 0:
             self._release(sequence, keep_kv=keep_kv and error is None)
         with self._lock:
             self._inbox.request_ids.discard(sequence.request_id)
         self._deliver(sequence, StepOutput(tokens, True, reason, sequence.prompt_tokens,
-                                           sequence.cached_tokens, error))
+                                           sequence.cached_tokens, error, logprobs=logprobs))
 
     def _release(self, sequence: _Sequence, keep_kv: bool) -> None:
         """Free the sequence's slot (the last running sequence moves into it), keeping its KV

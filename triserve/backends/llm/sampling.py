@@ -1,15 +1,19 @@
 """Choosing the next token of every running sequence from one batch of logits.
 
-Greedy rows take the argmax; sampling rows share one temperature / top-k /
-top-p pass over the sorted batch, and each draws with its own
-``torch.Generator`` so that a request with a seed is reproducible whatever else
-runs beside it.
+Penalties first (repetition; OpenAI's presence / frequency on the generated
+tokens), then each guided row's grammar mask (triserve.backends.llm.guided), so
+that batched sequences with and without grammars share one step. Greedy rows
+take the argmax; sampling rows share one temperature / top-k / top-p / min-p
+pass over the sorted batch, and each draws with its own ``torch.Generator`` so
+that a request with a seed is reproducible whatever else runs beside it. A row
+that asks for logprobs gets the chosen token's and the top alternatives'
+(log-softmax of the penalised, masked logits) in ``SamplingRow.last_logprobs``.
 
 One row never fails another: a row whose logits are NaN, or whose draw raises,
 gets its exception in place of a token and the other rows are sampled as
 usual. Values at the edge of their range are handled numerically: a
 temperature below :data:`GREEDY_BELOW` is greedy, the likeliest token always
-survives top-p and top-k, and logits pushed beyond the float range by a
+survives top-p, top-k and min-p, and logits pushed beyond the float range by a
 repetition penalty or a tiny temperature are clamped to its ends (never inf).
 """
 
@@ -18,9 +22,11 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+
+from triserve.backends.llm.guided import allocate_bitmask, apply_bitmask
 
 #: Temperatures below this sample greedily (the limit of temperature -> 0), as in vLLM:
 #: dividing logits by 1e-40 would overflow float32 into inf and NaN probabilities.
@@ -40,6 +46,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    min_p: float = 0.0  # keep tokens with at least min_p times the top token's probability
+    presence_penalty: float = 0.0  # OpenAI's: on tokens generated so far
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; N: the chosen token's and the top N alternatives'
+    guide: Any = None  # a guided.Guide constraining the tokens (engine thread only)
 
     def __post_init__(self) -> None:
         self.stop_token_ids = frozenset(self.stop_token_ids)
@@ -54,6 +65,13 @@ class SamplingParams:
             problems.append(f"top_k must be in [0, 2**63 - 1], got {self.top_k}")
         if not 0 < self.repetition_penalty < math.inf:
             problems.append(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            problems.append(f"top_logprobs must be in [0, 20], got {self.logprobs}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             problems.append(f"seed must be a 64-bit integer, got {self.seed}")
         if problems:
@@ -71,6 +89,13 @@ class SamplingRow:
     params: SamplingParams
     generator: torch.Generator
     token_ids: list[int]  # prompt + generated so far (for the repetition penalty)
+    prompt_len: int = -1  # where the generated tokens start (-1: all of token_ids is the prompt)
+    # (token, logprob, [(token, logprob), ...]) of the last sampled token, when params.logprobs is set
+    last_logprobs: tuple[int, float, list[tuple[int, float]]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 0:
+            self.prompt_len = len(self.token_ids)
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -104,20 +129,42 @@ def _sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int | Exc
     nan_rows = set(torch.isnan(logits).any(dim=-1).nonzero().flatten().tolist())
     for i in nan_rows:
         results[i] = NaNLogitsError("the model produced NaN logits")
-    penalized = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0 and i not in nan_rows]
-    if penalized:
+    live = [i for i in range(len(rows)) if i not in nan_rows]
+    penalized = [i for i in live if rows[i].params.repetition_penalty != 1.0
+                 or rows[i].params.presence_penalty or rows[i].params.frequency_penalty]
+    guided = [i for i in live if rows[i].params.guide is not None]
+    if penalized or guided:
         logits = logits.clone()
         for i in penalized:
-            _apply_repetition_penalty(logits[i], rows[i].token_ids, rows[i].params.repetition_penalty)
+            row = rows[i]
+            if row.params.repetition_penalty != 1.0:
+                _apply_repetition_penalty(logits[i], row.token_ids, row.params.repetition_penalty)
+            if row.params.presence_penalty or row.params.frequency_penalty:
+                _apply_openai_penalties(logits[i], row.token_ids[row.prompt_len:], row.params)
+        if guided:
+            bitmask = allocate_bitmask(len(guided), logits.shape[-1])
+            for j, i in enumerate(guided):
+                rows[i].params.guide.fill_mask(bitmask, j)
+                apply_bitmask(logits[i:i + 1], bitmask[j:j + 1])
         logits = _finite(logits)
-    chosen = logits.argmax(dim=-1).tolist()
-    sampled = [i for i, row in enumerate(rows) if not row.params.greedy and i not in nan_rows]
-    drawn = _sample_rows(logits[sampled], [rows[i] for i in sampled]) if sampled else []
-    for i, token in zip(sampled, drawn):
-        chosen[i] = token
-    for i in range(len(rows)):
-        if i not in nan_rows:
-            results[i] = chosen[i]
+    logprobs = {i: torch.log_softmax(logits[i], dim=-1) for i in live
+                if rows[i].params.logprobs is not None}
+    chosen: list[int | Exception] = logits.argmax(dim=-1).tolist()
+    sampled = [i for i in live if not rows[i].params.greedy]
+    if sampled:
+        for i, token in zip(sampled, _sample_rows(logits[sampled], [rows[i] for i in sampled])):
+            chosen[i] = token
+    for i in guided:
+        if not isinstance(chosen[i], Exception):
+            rows[i].params.guide.accept(chosen[i])
+    for i, row_logprobs in logprobs.items():
+        if isinstance(chosen[i], Exception):
+            continue
+        top = row_logprobs.topk(rows[i].params.logprobs) if rows[i].params.logprobs else None
+        alternatives = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
+        rows[i].last_logprobs = (chosen[i], float(row_logprobs[chosen[i]]), alternatives)
+    for i in live:
+        results[i] = chosen[i]
     return results
 
 
@@ -125,6 +172,14 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
     """inf pushed to the float range's ends, so that softmax stays a distribution."""
     info = torch.finfo(logits.dtype)
     return torch.nan_to_num(logits, nan=info.min, posinf=info.max, neginf=info.min)
+
+
+def _apply_openai_penalties(logits: torch.Tensor, generated: list[int], params: SamplingParams) -> None:
+    """OpenAI's: ``logit -= presence * (count > 0) + frequency * count`` over the generated tokens."""
+    if not generated:
+        return
+    tokens, counts = torch.tensor(generated, dtype=torch.long).unique(return_counts=True)
+    logits[tokens] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> None:
@@ -146,7 +201,10 @@ def _sample_rows(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int 
     # a token is kept if it is within top-k and the mass before it is below top-p; the most
     # likely token always survives (a top_p of 1e-300 is 0 in float32)
     mass_before = probs.cumsum(dim=-1) - probs
-    keep = ((ranks[None, :] < top_k[:, None]) & (mass_before < top_p[:, None])) | (ranks[None, :] == 0)
+    keep = (ranks[None, :] < top_k[:, None]) & (mass_before < top_p[:, None])
+    min_p = torch.tensor([row.params.min_p for row in rows], dtype=logits.dtype)
+    keep &= probs >= (min_p * probs[:, 0])[:, None]  # probs are sorted: column 0 is the top token
+    keep |= ranks[None, :] == 0
     probs = torch.where(keep, probs, 0.0)
     tokens: list[int | Exception] = []
     for i, row in enumerate(rows):

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-import anyio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from triserve.core.errors import InferError
 from triserve.core.types import InferRequest, InferResponse
-from triserve.frontends.http import jsonio, tensors
+from triserve.frontends.http import jsonio, sse, tensors
 from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.errors import error_body, error_response
 from triserve.frontends.http.jsonio import JSONResponse
@@ -87,15 +86,14 @@ async def _events(first: InferResponse, responses: AsyncIterator[InferResponse])
         response: InferResponse | None = first
         while response is not None:
             if response.error is not None:
-                yield jsonio.sse_event(error_body(response.error.message))
+                yield sse.event(error_body(response.error.message))
             elif response.outputs or response.parameters:
-                yield jsonio.sse_event(generate_document(response))
+                yield sse.event(generate_document(response))
             response = None if response.final else await anext(responses, None)
     except InferError as exc:
-        yield jsonio.sse_event(error_body(exc.message))
+        yield sse.event(error_body(exc.message))
     finally:
-        with anyio.CancelScope(shield=True):
-            await responses.aclose()
+        await sse.closing(responses)
 
 
 def routes(core: InferenceServer, max_elements: int | None = None) -> list[BaseRoute]:
@@ -112,22 +110,15 @@ def routes(core: InferenceServer, max_elements: int | None = None) -> list[BaseR
 
     async def generate_stream(request: Request) -> Response:
         responses = core.stream(await decode(request, streaming=True))
-        # Wait for the first response: a request that fails before inference gets a
-        # plain JSON error with its HTTP status, not a 200 event stream.
-        try:
-            first = await anext(responses)
-        except StopAsyncIteration:
-            return Response(b"", media_type="text/event-stream; charset=utf-8")
-        except BaseException:
-            await responses.aclose()
-            raise
+        # Wait for the first response (the client leaving first cancels the request): a
+        # request that fails before inference gets a plain JSON error with its HTTP status,
+        # not a 200 event stream.
+        first = await sse.first_response(request.receive, responses)
+        if first is None:  # a decoupled model that sent nothing at all
+            return Response(b"", media_type="text/event-stream")
         if first.error is not None and first.final:
             return error_response(first.error)
-        return StreamingResponse(
-            _events(first, responses),
-            media_type="text/event-stream; charset=utf-8",
-            headers={"Cache-Control": "no-cache"},
-        )
+        return sse.EventStreamResponse(_events(first, responses))
 
     return [
         Route(prefix + suffix, handler, methods=["POST"])

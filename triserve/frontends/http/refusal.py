@@ -10,15 +10,16 @@ from __future__ import annotations
 from starlette.types import Scope, Send
 
 from triserve.core.errors import InferError
-from triserve.frontends.http import jsonio, openai
+from triserve.frontends.http import jsonio
 from triserve.frontends.http.errors import error_body
+from triserve.frontends.http.openai.protocol import error_body as openai_error_body
 
 OPENAI_PREFIX = "/v1/"
 
 
 def refusal_body(path: str, message: str, openai_code: str | None = None) -> bytes:
     if path.startswith(OPENAI_PREFIX):
-        document = openai.error_body(InferError.invalid(message))
+        document = openai_error_body(InferError.invalid(message))
         document["error"]["code"] = openai_code
         return jsonio.dumps(document)
     return jsonio.dumps(error_body(message))
