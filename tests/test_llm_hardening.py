@@ -270,7 +270,10 @@ def test_legal_values_at_the_edge_are_served_and_never_hurt_their_batch(chat_ser
         results = list(pool.map(ask, requests))
     for values, result in zip(requests, results):
         assert parameters(result)["finish_reason"] in ("stop", "length"), values
-        assert parameters(result)["completion_tokens"] >= 1, values
+        if "repetition_penalty" not in values:
+            # (a penalty of 1e-300 lifts every token already seen to the top, the prompt's
+            # end-of-turn token among them, so such a reply may rightly stop at once)
+            assert parameters(result)["completion_tokens"] >= 1, values
     greedy = texts(results[-2], "response")[0]
     assert texts(results[0], "response")[0] == greedy  # temperature 1e-40 is greedy
     # the same values through /generate (HTTP) and OpenAI's route: the same chat contract

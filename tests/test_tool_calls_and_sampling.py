@@ -78,8 +78,13 @@ def row(**params) -> SamplingRow:
 def test_frequency_and_presence_penalties_count_generated_tokens_only():
     logits = torch.zeros(1, 4)
     logits[0, 1] = 1.0  # token 1 was generated once; token 0 is only in the prompt
-    sample(logits, [row(frequency_penalty=0.5, presence_penalty=0.25)])
-    assert logits[0].tolist() == [0.0, 0.25, 0.0, 0.0]
+    sampling = row(frequency_penalty=0.5, presence_penalty=0.25, logprobs=4)
+    assert sample(logits, [sampling]) == [1]
+    assert logits[0].tolist() == [0.0, 1.0, 0.0, 0.0]  # the caller's logits are left as they were
+    # the logprobs are those of the penalised logits [0, 0.25, 0, 0]: token 1 lost 0.5 + 0.25
+    alternatives = dict(sampling.last_logprobs[2])
+    assert alternatives[1] - alternatives[0] == pytest.approx(0.25)
+    assert alternatives[0] == pytest.approx(alternatives[2]) == pytest.approx(alternatives[3])
 
 
 def test_min_p_keeps_tokens_near_the_top_one():
