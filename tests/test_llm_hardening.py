@@ -265,7 +265,7 @@ def test_legal_values_at_the_edge_are_served_and_never_hurt_their_batch(chat_ser
         with grpcclient.InferenceServerClient(chat_server.grpc_url) as client:
             return client.infer(MODEL, chat_inputs("Name a fruit.", max_new_tokens="3", **values))
 
-    requests = EDGE_VALUES + [{}, {"temperature": "0.7", "seed": "3"}]
+    requests = EDGE_VALUES + [{"temperature": "0"}, {"temperature": "0.7", "seed": "3"}]
     with ThreadPoolExecutor(len(requests)) as pool:
         results = list(pool.map(ask, requests))
     for values, result in zip(requests, results):
