@@ -35,9 +35,12 @@ def client(chat_server):
 
 
 def chat_inputs(prompt: str | bytes, **values: Any) -> list[grpcclient.InferInput]:
-    """BYTES inputs like the seed's client sends; a numpy array value keeps its own datatype."""
+    """BYTES inputs like the seed's client sends; a numpy array value keeps its own datatype.
+
+    Like the seed's client, it always sends a temperature: 0 (greedy, repeatable) unless given.
+    """
     inputs = []
-    for name, value in {"prompt": prompt, **values}.items():
+    for name, value in {"prompt": prompt, "temperature": "0", **values}.items():
         if isinstance(value, np.ndarray):
             array = value
         else:
