@@ -84,6 +84,21 @@ def test_chat_echo_over_http_keeps_history_pairs(http_client):
     assert result.as_numpy("history").tolist() == [[b"hi", b"echo: hi (temperature=0.5, max_token=9)"]]
 
 
+@pytest.mark.parametrize("values", [
+    [b"", b"\x00nul\x00", b"\xff\xfe not UTF-8", "汉字".encode(), b"x" * 100_000],
+    [],
+], ids=["mixed", "empty"])
+def test_bytes_elements_reach_the_model_and_come_back_unchanged(grpc_client, values):
+    """BYTES tensors cross the process hop as item lists: every element, byte for byte."""
+    array = np.array(values, dtype=np.object_).reshape([len(values)])
+    tensor = grpcclient.InferInput("INPUT0", [len(values)], "BYTES")
+    tensor.set_data_from_numpy(array)
+    result = grpc_client.infer("identity_bytes", [tensor])
+    output = result.as_numpy("OUTPUT0")
+    assert output.shape == (len(values),)
+    assert list(output) == values
+
+
 def test_two_instances_serve_concurrent_requests(http_client):
     pending = [http_client.async_infer("two_instances", [fp32_input(httpclient, [0.0])])
                for _ in range(8)]

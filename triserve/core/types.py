@@ -112,22 +112,29 @@ def check_element_limit(name: str, shape: Sequence[Any], limit: int) -> None:
 
 
 def resolve_shape(name: str, shape: Sequence[int], count: int) -> list[int]:
-    """Check ``shape`` against an element count, inferring a single ``-1``."""
+    """Check ``shape`` against an element count, inferring a single ``-1``.
+
+    One pass over the dimensions: this runs for every input of every request.
+    """
     shape = [int(d) for d in shape]
-    wildcards = [i for i, d in enumerate(shape) if d == -1]
-    if any(d < -1 for d in shape) or len(wildcards) > 1:
-        raise InferError.invalid(f"input '{name}' has invalid shape {shape}")
-    if wildcards:
-        known = datatypes.element_count(d for d in shape if d != -1)
+    known = 1
+    wildcard = -1
+    for index, d in enumerate(shape):
+        if d >= 0:
+            known *= d
+        elif d == -1 and wildcard < 0:
+            wildcard = index
+        else:
+            raise InferError.invalid(f"input '{name}' has invalid shape {shape}")
+    if wildcard >= 0:
         if known == 0 or count % known:
             raise InferError.invalid(
                 f"input '{name}': cannot infer the -1 dimension of shape {shape} from {count} elements"
             )
-        shape[wildcards[0]] = count // known
-    expected = datatypes.element_count(shape)
-    if expected != count:
+        shape[wildcard] = count // known
+    elif known != count:
         raise InferError.invalid(
-            f"input '{name}' has shape {shape} ({expected} elements) but {count} elements of data were given"
+            f"input '{name}' has shape {shape} ({known} elements) but {count} elements of data were given"
         )
     return shape
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from triserve.backends.python.ipc import FrameProtocol, output_tensors, request_payload, to_error
+from triserve.backends.python.ipc import (FrameProtocol, output_tensors, pack_array, request_payload, to_error,
+                                          unpack_array)
 from triserve.core import metrics
 from triserve.core.backend import Job, ModelContext
 from triserve.core.errors import ErrorCode, InferError
@@ -300,13 +301,13 @@ class InstanceProcess:
         try:
             request = InferRequest(
                 model_name, version, request_id,
-                inputs=[InferTensor.from_numpy(name, array) for name, array in inputs],
+                inputs=[InferTensor.from_numpy(name, unpack_array(data)) for name, data in inputs],
                 outputs=[RequestedOutput(name) for name in outputs],
                 parameters=json.loads(parameters))
             async for response in self.context.core.stream(request):
                 error = None if response.error is None else (response.error.code.value,
                                                              response.error.message)
-                tensors = [(tensor.name, tensor.data) for tensor in response.outputs]
+                tensors = [(tensor.name, pack_array(tensor.data)) for tensor in response.outputs]
                 self._send_control(("bls_response", bls_id, tensors, error,
                                     response.parameters, response.final))
                 final_sent = response.final

@@ -8,6 +8,8 @@ prints the completed JSON.
 
 Frames are a 4-byte little-endian length and a pickle (protocol 5) of a tuple
 whose first item names the message; see ``ipc.py`` and ``instance.py`` for the parent side.
+Object arrays (BYTES tensors) travel as ``(shape, flat list of items)``, as ``ipc.py``'s
+``pack_array`` / ``unpack_array`` (mirrored here: this process cannot import triserve).
 The main thread reads ``execute`` and ``finalize`` from FD itself, so a request
 reaches the model with no thread handoff. Cancellations and BLS responses come on
 CONTROL_FD, served by a reader thread, so they arrive while a model is busy.
@@ -34,6 +36,9 @@ from types import ModuleType
 from typing import Any, Iterable
 
 import triton_python_backend_utils as pb_utils
+
+# After pb_utils (which imports numpy itself): imported first, each model process measured 0.8 MB more RSS.
+import numpy as np  # noqa: E402
 
 _HEADER = struct.Struct("<I")
 _PR_SET_PDEATHSIG = 1
@@ -74,6 +79,27 @@ def error_payload(error: pb_utils.TritonError) -> tuple[str, str]:
     return (_ERROR_CODE_NAMES.get(error.code(), "INTERNAL"), error.message())
 
 
+def pack_array(array: Any) -> Any:
+    """A tensor's wire form: an object array as ``(shape, items)``, any other array as it is."""
+    if array.dtype.hasobject:
+        return tuple(array.shape), array.ravel().tolist()
+    return array
+
+
+def unpack_array(data: Any) -> Any:
+    """Inverse of :func:`pack_array`."""
+    if type(data) is not tuple:
+        return data
+    shape, items = data
+    array = np.empty(len(items), dtype=np.object_)
+    try:
+        array[:] = items
+    except ValueError:  # items that numpy would read as sequences: placed one by one
+        for index, item in enumerate(items):
+            array[index] = item
+    return array.reshape(shape)
+
+
 def response_payload(response: pb_utils.InferenceResponse | None) -> tuple:
     """``(outputs, error, parameters)``; outputs are ``(name, array)`` with str made UTF-8 bytes."""
     if response is None:
@@ -85,7 +111,7 @@ def response_payload(response: pb_utils.InferenceResponse | None) -> tuple:
         array = tensor.as_numpy()
         if array.dtype.kind in "OSU":
             array = pb_utils.datatypes.as_bytes_array(array)
-        outputs.append((tensor.name(), array))
+        outputs.append((tensor.name(), pack_array(array)))
     return (outputs, None, json.loads(response.parameters()))
 
 
@@ -97,7 +123,7 @@ def response_from_payload(outputs: list, error: tuple[str, str] | None,
             error=pb_utils.TritonError(message, _ERROR_CODES.get(code_name, pb_utils.TritonError.INTERNAL)),
             parameters=parameters)
     return pb_utils.InferenceResponse(
-        output_tensors=[pb_utils.Tensor(name, array) for name, array in outputs],
+        output_tensors=[pb_utils.Tensor(name, unpack_array(data)) for name, data in outputs],
         parameters=parameters,
     )
 
@@ -194,7 +220,7 @@ class Instance:
         for job_id, request_id, correlation_id, parameters, inputs, outputs, flags in payloads:
             request = pb_utils.InferenceRequest(
                 model_name=self.model_name, request_id=request_id, correlation_id=correlation_id,
-                inputs=[pb_utils.Tensor(name, array) for name, array in inputs],
+                inputs=[pb_utils.Tensor(name, unpack_array(data)) for name, data in inputs],
                 requested_output_names=outputs, flags=flags, parameters=parameters)
             request._job_id = job_id
             batch.append(request)
@@ -247,7 +273,7 @@ class Instance:
             bls_id = self.next_bls_id
             self.next_bls_id += 1
             self.bls_calls[bls_id] = responses
-        inputs = [(tensor.name(), tensor.as_numpy()) for tensor in request.inputs()]
+        inputs = [(tensor.name(), pack_array(tensor.as_numpy())) for tensor in request.inputs()]
         version = "" if request.model_version < 0 else str(request.model_version)
         self.connection.send(("bls", bls_id, request.model_name, version, request.request_id(),
                               request.parameters(), inputs, request.requested_output_names()))
