@@ -10,6 +10,11 @@ refused at once with :class:`QueueFullError` (UNAVAILABLE), never queued
 without bound. Engine outputs arrive on the engine thread and are turned into
 responses on the event loop; a fault in one request's reply (detokenizing)
 ends that request alone.
+
+The event loop does no text work: rendering the chat template, tokenizing and
+detokenizing run on the backend's one text worker thread (one thread, so each
+reply's pieces stay in order), and a long prompt never delays a health check or
+another stream's next piece.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import functools
 import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +60,7 @@ class LLMBackend(Backend):
         self._stop_token_ids: frozenset[int] = frozenset()
         self._metrics: LLMMetrics | None = None
         self._request_ids = itertools.count()
+        self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-text")
 
     @classmethod
     def auto_complete_config(
@@ -84,16 +92,20 @@ class LLMBackend(Backend):
         model, self._tokenizer = await asyncio.to_thread(load_model, settings, context.logger)
         self._stop_token_ids = stop_token_ids(self._tokenizer, model.generation_config)
         self._engine = await asyncio.to_thread(LLMEngine, model, settings.engine)
+        del model  # the engine holds the weights it runs; nothing else keeps a copy
+        _return_freed_memory()  # loading's per-tensor temporaries, back to the OS
         self._engine.start()
         if settings.engine.faults.enabled:
             context.logger.warning("model '%s': fault injection is ON (%s): for tests only",
                                    context.name, settings.engine.faults)
         self._metrics = LLMMetrics(context.name, context.version, self._engine.stats)
         engine = settings.engine
-        context.logger.info("model '%s': %s weights (quantization %s), %d engine threads, context %d "
-                            "tokens, %d sequences at once, %d more may wait, stop tokens %s",
-                            context.name, engine.dtype, engine.quantization, engine.threads,
-                            engine.max_model_len, engine.max_num_seqs, engine.max_queue_size,
+        context.logger.info("model '%s': %s, %d MB of weights (%s; quantization %s), KV cache %d MB reserved, "
+                            "%d engine threads, context %d tokens, %d sequences at once, %d more may wait, "
+                            "stop tokens %s",
+                            context.name, self._engine.runner.architecture, self._engine.runner.weight_bytes >> 20,
+                            engine.dtype, engine.quantization, self._engine.kv_cache.bytes_reserved >> 20,
+                            engine.threads, engine.max_model_len, self._engine.max_slots, engine.max_queue_size,
                             sorted(self._stop_token_ids))
 
     async def unload(self) -> None:
@@ -102,6 +114,8 @@ class LLMBackend(Backend):
         if self._engine is not None:
             # stop() joins the engine thread, whose last outputs are handled on this loop.
             await asyncio.to_thread(self._engine.stop)
+        # the engine's last outputs are detokenized, then handled on this loop
+        await asyncio.to_thread(self._text_worker.shutdown, True)
 
     @property
     def capacity(self) -> int:
@@ -137,7 +151,8 @@ class LLMBackend(Backend):
     async def _generate(self, job: Job) -> None:
         try:
             chat = parse_chat_request(job.request)
-            prompt_ids = render_prompt(self._tokenizer, chat)
+            prompt_ids = await asyncio.get_running_loop().run_in_executor(
+                self._text_worker, render_prompt, self._tokenizer, chat)
             params = self._sampling_params(chat, len(prompt_ids))
         except InferError as error:
             job.fail(error)
@@ -147,7 +162,8 @@ class LLMBackend(Backend):
             return
         request_id = str(next(self._request_ids))
         abort = functools.partial(self._engine.abort, request_id)
-        reply = _Reply(job, chat, ReplyText(self._tokenizer, prompt_ids, chat.stop), self._metrics, abort)
+        reply = _Reply(job, chat, ReplyText(self._tokenizer, prompt_ids, chat.stop), self._metrics, abort,
+                       self._text_worker)
         try:
             self._engine.add_request(request_id, prompt_ids, params, reply.on_output)
         except ValueError as exc:
@@ -175,30 +191,53 @@ class LLMBackend(Backend):
         )
 
 
+@dataclass(slots=True)
+class _Text:
+    """What the text worker made of one engine output."""
+
+    piece: str  # new text safe to send (at the end: with everything held back)
+    stopped: bool  # a stop string ended the reply
+    whole: str  # the reply so far
+
+
 class _Reply:
-    """One request's reply: engine outputs in (engine thread), responses out (event loop)."""
+    """One request's reply: engine outputs in (engine thread), text made on the text worker,
+    responses out (event loop)."""
 
     def __init__(self, job: Job, chat: ChatRequest, text: ReplyText, metrics: LLMMetrics,
-                 abort: Callable[[], None]):
+                 abort: Callable[[], None], text_worker: ThreadPoolExecutor):
         self._job = job
         self._chat = chat
-        self._text = text
+        self._text = text  # touched only on the text worker
         self._metrics = metrics
         self._abort = abort  # ends the engine request (a stop string ended the reply)
+        self._text_worker = text_worker
         self._loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._completion_tokens = 0
         self._last_token_ns = 0
 
     def on_output(self, output: StepOutput) -> None:
-        """The engine's callback: hand the output to the event loop."""
-        self._loop.call_soon_threadsafe(self._handle, output)
+        """The engine's callback: detokenize on the text worker, then hand over to the event loop."""
+        self._text_worker.submit(self._detokenize, output)
 
-    def _handle(self, output: StepOutput) -> None:
+    def _detokenize(self, output: StepOutput) -> None:
+        try:
+            piece = self._text.add(output.new_token_ids)
+            if output.finished or self._text.stopped:
+                piece += self._text.finish()
+            text: _Text | Exception = _Text(piece, self._text.stopped, self._text.text)
+        except Exception as exc:  # noqa: BLE001 - a fault in this reply ends it alone, on the loop
+            text = exc
+        self._loop.call_soon_threadsafe(self._handle, output, text)
+
+    def _handle(self, output: StepOutput, text: "_Text | Exception") -> None:
         if self.done.done():
             return  # ended by a stop string or a fault; the engine's "abort" for it follows
         try:
-            self._take(output)
+            if isinstance(text, Exception):
+                raise text
+            self._take(output, text)
         except Exception as exc:  # a fault in this reply (detokenizer, stop strings) ends it alone
             logger.exception("request '%s' of model '%s': building the reply failed",
                              self._job.request.id, self._job.request.model_name)
@@ -207,20 +246,19 @@ class _Reply:
                 self._job.fail(InferError.internal(f"generation failed: {type(exc).__name__}: {exc}"))
                 self.done.set_result(None)
 
-    def _take(self, output: StepOutput) -> None:
+    def _take(self, output: StepOutput, text: _Text) -> None:
         if output.new_token_ids:
             self._observe_tokens(len(output.new_token_ids))
-        piece = self._text.add(output.new_token_ids)
         if output.finish_reason == "abort":
             self._end_aborted(output)
-        elif self._text.stopped:
+        elif text.stopped:
             self._abort()
-            self._end("stop", output, piece)
+            self._end("stop", output, text)
         elif output.finished:
-            self._end(output.finish_reason, output, piece)
-        elif piece and self._chat.stream:
+            self._end(output.finish_reason, output, text)
+        elif text.piece and self._chat.stream:
             self._send(InferResponse(self._job.request.model_name, self._job.request.model_version,
-                                     self._job.request.id, outputs=[_text_tensor("response", piece)],
+                                     self._job.request.id, outputs=[_text_tensor("response", text.piece)],
                                      final=False))
 
     def _observe_tokens(self, count: int) -> None:
@@ -232,15 +270,14 @@ class _Reply:
         self._completion_tokens += count
         self._last_token_ns = now
 
-    def _end(self, finish_reason: str, output: StepOutput, piece: str) -> None:
+    def _end(self, finish_reason: str, output: StepOutput, text: _Text) -> None:
         """The final response: in a stream, this step's piece and whatever was held back."""
-        rest = piece + self._text.finish()
         request = self._job.request
         self._send(InferResponse(
             request.model_name, request.model_version, request.id,
             outputs=[
-                _text_tensor("response", rest if self._chat.stream else self._text.text),
-                InferTensor.from_numpy("history", self._chat.history_with(self._text.text), "BYTES"),
+                _text_tensor("response", text.piece if self._chat.stream else text.whole),
+                InferTensor.from_numpy("history", self._chat.history_with(text.whole), "BYTES"),
             ],
             parameters={
                 "prompt_tokens": output.prompt_tokens,
@@ -271,3 +308,15 @@ class _Reply:
 
 def _text_tensor(name: str, text: str) -> InferTensor:
     return InferTensor.from_numpy(name, np.array([text.encode("utf-8")], dtype=np.object_), "BYTES")
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap pages for reuse; hand them back (a no-op elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
