@@ -8,6 +8,7 @@ Generation is kept short (max_new_tokens) so the file stays fast on 2 cores.
 from __future__ import annotations
 
 import queue
+from pathlib import Path
 import threading
 import time
 import urllib.request
@@ -243,3 +244,22 @@ def test_stream_true_on_a_unary_http_request_is_invalid_argument(chat_server):
         assert (f"model '{MODEL}' sent a streamed response to a unary request: unset 'stream'"
                 in caught.value.message())
         assert client.is_server_ready()
+
+
+def test_gguf_weights_stay_quantized_and_the_kv_reservation_is_not_resident(client, chat_server):
+    """The Q4_1 GGUF is held at its own size (bf16 would be ~270 MB), and the KV cache reserved at
+    load (755 MB for 16 x 2048 tokens) takes memory only where written: the resident part of its
+    mapping (/proc/PID/smaps) is a fraction of it after this module's short chats."""
+    stream(client, chat_inputs("Say hello.", max_new_tokens="8", stream="true"))
+    metrics = llm_metrics(chat_server)
+    weights, reserved = metrics["triserve_llm_weight_bytes"], metrics["triserve_llm_kv_cache_bytes_reserved"]
+    assert 60e6 < weights < 120e6
+    assert reserved == 16 * 2048 * 30 * 2 * 3 * 64 * 2  # slots x tokens x layers x K/V x kv heads x dim x bf16
+    resident, size_kb = [], 0
+    for line in Path(f"/proc/{chat_server.proc.pid}/smaps").read_text().splitlines():
+        if line.startswith("Size:"):
+            size_kb = int(line.split()[1])
+        elif line.startswith("Rss:") and size_kb * 1024 == reserved:
+            resident.append(int(line.split()[1]) * 1024)
+    assert resident, "the KV cache's mapping was not found"
+    assert resident[0] < 0.25 * reserved  # all of it were the buffer zero-filled at load

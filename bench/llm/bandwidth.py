@@ -17,7 +17,6 @@ from gguf import GGUFReader
 from triserve.backends.llm.loader import LLMSettings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-EMBEDDING = "token_embd.weight"  # tied to the output head: read whole once per token
 
 
 def copy_bandwidth_gb_s(threads: int, megabytes: int = 256, rounds: int = 5) -> float:
@@ -49,8 +48,9 @@ class WeightBytes:
 def weight_bytes(settings: LLMSettings) -> WeightBytes:
     """Weights read per decoded token, at the model's configured ``dtype`` / ``quantization``.
 
-    With int8 weight-only quantization the 2-D projection weights take one
-    byte each; the embedding and the norms stay in ``dtype``.
+    The engine keeps a GGUF's quantized blocks quantized, so they count at their
+    stored size; float tensors count at ``dtype`` (one byte for 2-D ones under
+    int8/int4 quantization, an upper bound for int4).
     """
     engine = settings.engine
     dense = DTYPE_BYTES[engine.dtype]
@@ -58,6 +58,9 @@ def weight_bytes(settings: LLMSettings) -> WeightBytes:
     for tensor in GGUFReader(settings.model).tensors:
         count = int(tensor.n_elements)
         total_parameters += count
-        quantized = engine.quantization == "int8" and tensor.name != EMBEDDING and len(tensor.shape) == 2
-        total_bytes += count * (1 if quantized else dense)
+        if tensor.tensor_type.name not in ("F32", "F16", "BF16"):
+            total_bytes += int(tensor.n_bytes)  # quantized blocks are read as stored (or as int8 rows)
+        else:
+            quantized = engine.quantization in ("int8", "int4") and len(tensor.shape) == 2
+            total_bytes += count * (1 if quantized else dense)
     return WeightBytes(total_parameters, total_bytes, engine.dtype, engine.quantization)

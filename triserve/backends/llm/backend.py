@@ -3,15 +3,20 @@
 A config names a model (``parameters { key: "model" ... }``); auto-complete
 declares the chat contract's tensors and makes the model decoupled. Every
 request is rendered with the tokenizer's own chat template (and its grammar, if
-it asks for JSON, a grammar or a tool call, compiled) in a worker thread, then
-handed to the continuous-batching :class:`LLMEngine` at once: the engine, not the
-core's scheduler, decides what runs together. ``capacity`` is what the engine
-holds (``max_num_seqs`` running + ``max_queue_size`` waiting); a request beyond it
-is refused at once with :class:`QueueFullError` (UNAVAILABLE), never queued
+it asks for JSON, a grammar or a tool call, compiled), then handed to the
+continuous-batching :class:`LLMEngine` at once: the engine, not the core's
+scheduler, decides what runs together. ``capacity`` is what the engine holds
+(``max_num_seqs`` running + ``max_queue_size`` waiting); a request beyond it is
+refused at once with :class:`QueueFullError` (UNAVAILABLE), never queued
 without bound. Sampling values a request leaves unset come from the model's
 ``generation_config``, else OpenAI's defaults. Engine outputs arrive on the
 engine thread and are turned into responses on the event loop; a fault in one
 request's reply (detokenizing) ends that request alone.
+
+The event loop does no text work: rendering the chat template, compiling a
+grammar, tokenizing and detokenizing run on the backend's one text worker thread
+(one thread, so each reply's pieces stay in order), and a long prompt never
+delays a health check or another stream's next piece.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import itertools
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +71,7 @@ class LLMBackend(Backend):
         self._grammars: GrammarCompiler | None = None
         self._sampling_defaults: dict[str, Any] = {}
         self._token_bytes: dict[int, bytes] = {}
+        self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-text")
 
     @classmethod
     def auto_complete_config(
@@ -97,19 +105,21 @@ class LLMBackend(Backend):
         self._sampling_defaults = generation_defaults(model.generation_config)
         self._engine = await asyncio.to_thread(LLMEngine, model, settings.engine)
         self._grammars = await asyncio.to_thread(GrammarCompiler, self._tokenizer, self._engine.runner.vocab_size)
+        del model  # the engine holds the weights it runs; nothing else keeps a copy
+        _return_freed_memory()  # loading's per-tensor temporaries, back to the OS
         self._engine.start()
         if settings.engine.faults.enabled:
             context.logger.warning("model '%s': fault injection is ON (%s): for tests only",
                                    context.name, settings.engine.faults)
         self._metrics = LLMMetrics(context.name, context.version, self._engine.stats)
         engine = settings.engine
-        context.logger.info("model '%s': %s weights (quantization %s), %d engine threads, context %d "
-                            "tokens, %d sequences at once, %d more may wait, stop tokens %s, "
-                            "sampling defaults %s",
-                            context.name, engine.dtype, engine.quantization, engine.threads,
-                            engine.max_model_len, engine.max_num_seqs, engine.max_queue_size,
-                            sorted(self._stop_token_ids),
-                            {**OPENAI_SAMPLING_DEFAULTS, **self._sampling_defaults})
+        context.logger.info("model '%s': %s, %d MB of weights (%s; quantization %s), KV cache %d MB reserved, "
+                            "%d engine threads, context %d tokens, %d sequences at once, %d more may wait, "
+                            "stop tokens %s, sampling defaults %s",
+                            context.name, self._engine.runner.architecture, self._engine.runner.weight_bytes >> 20,
+                            engine.dtype, engine.quantization, self._engine.kv_cache.bytes_reserved >> 20,
+                            engine.threads, engine.max_model_len, self._engine.max_slots, engine.max_queue_size,
+                            sorted(self._stop_token_ids), {**OPENAI_SAMPLING_DEFAULTS, **self._sampling_defaults})
 
     async def unload(self) -> None:
         if self._metrics is not None:
@@ -117,6 +127,8 @@ class LLMBackend(Backend):
         if self._engine is not None:
             # stop() joins the engine thread, whose last outputs are handled on this loop.
             await asyncio.to_thread(self._engine.stop)
+        # the engine's last outputs are detokenized, then handled on this loop
+        await asyncio.to_thread(self._text_worker.shutdown, True)
 
     @property
     def capacity(self) -> int:
@@ -170,7 +182,8 @@ class LLMBackend(Backend):
 
     async def _generate(self, job: Job) -> None:
         try:
-            chat, prompt_ids, params = await asyncio.to_thread(self._prepare, job)
+            chat, prompt_ids, params = await asyncio.get_running_loop().run_in_executor(
+                self._text_worker, self._prepare, job)
         except InferError as error:
             job.fail(error)
             return
@@ -180,7 +193,7 @@ class LLMBackend(Backend):
         request_id = str(next(self._request_ids))
         abort = functools.partial(self._engine.abort, request_id)
         reply = _Reply(job, chat, ReplyText(self._tokenizer, prompt_ids, chat.stop), self._metrics, abort,
-                       self._logprob_entry if chat.logprobs else None)
+                       self._text_worker, self._logprob_entry if chat.logprobs else None)
         try:
             self._engine.add_request(request_id, prompt_ids, params, reply.on_output)
         except ValueError as exc:
@@ -257,36 +270,60 @@ def _byte_decoder() -> dict[str, int]:
     return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
+@dataclass(slots=True)
+class _Text:
+    """What the text worker made of one engine output."""
+
+    piece: str  # new text safe to send (at the end: with everything held back)
+    stopped: bool  # a stop string ended the reply
+    whole: str  # the reply so far
+
+
 class _Reply:
-    """One request's reply: engine outputs in (engine thread), responses out (event loop)."""
+    """One request's reply: engine outputs in (engine thread), text made on the text worker,
+    responses out (event loop)."""
 
     def __init__(self, job: Job, chat: ChatRequest, text: ReplyText, metrics: LLMMetrics,
-                 abort: Callable[[], None], logprob_entry: Callable[..., bytes] | None = None):
+                 abort: Callable[[], None], text_worker: ThreadPoolExecutor,
+                 logprob_entry: Callable[..., bytes] | None = None):
         self._job = job
         self._chat = chat
-        self._text = text
+        self._text = text  # touched only on the text worker
         self._tool_calls = ToolCallReader(chat.tools) if chat.uses_tools else None
         self._logprob_entry = logprob_entry
         self._logprobs: list[bytes] = []  # entries not yet sent
         self._metrics = metrics
         self._abort = abort  # ends the engine request (a stop string ended the reply)
+        self._text_worker = text_worker
         self._loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._completion_tokens = 0
         self._last_token_ns = 0
 
     def on_output(self, output: StepOutput) -> None:
-        """The engine's callback: hand the output to the event loop."""
+        """The engine's callback: logprob entries here, text on the text worker, then the loop."""
         entries = None
         if self._logprob_entry is not None and output.logprobs:
             entries = [self._logprob_entry(*entry) for entry in output.logprobs]
-        self._loop.call_soon_threadsafe(self._handle, output, entries)
+        self._text_worker.submit(self._detokenize, output, entries)
 
-    def _handle(self, output: StepOutput, logprobs: list[bytes] | None = None) -> None:
+    def _detokenize(self, output: StepOutput, logprobs: list[bytes] | None) -> None:
+        try:
+            piece = self._text.add(output.new_token_ids)
+            if output.finished or self._text.stopped:
+                piece += self._text.finish()
+            text: _Text | Exception = _Text(piece, self._text.stopped, self._text.text)
+        except Exception as exc:  # noqa: BLE001 - a fault in this reply ends it alone, on the loop
+            text = exc
+        self._loop.call_soon_threadsafe(self._handle, output, text, logprobs)
+
+    def _handle(self, output: StepOutput, text: "_Text | Exception", logprobs: list[bytes] | None) -> None:
         if self.done.done():
             return  # ended by a stop string or a fault; the engine's "abort" for it follows
         try:
-            self._take(output, logprobs)
+            if isinstance(text, Exception):
+                raise text
+            self._take(output, text, logprobs)
         except Exception as exc:  # a fault in this reply (detokenizer, stop strings) ends it alone
             logger.exception("request '%s' of model '%s': building the reply failed",
                              self._job.request.id, self._job.request.model_name)
@@ -295,20 +332,20 @@ class _Reply:
                 self._job.fail(InferError.internal(f"generation failed: {type(exc).__name__}: {exc}"))
                 self.done.set_result(None)
 
-    def _take(self, output: StepOutput, logprobs: list[bytes] | None) -> None:
+    def _take(self, output: StepOutput, text: _Text, logprobs: list[bytes] | None) -> None:
         if output.new_token_ids:
             self._observe_tokens(len(output.new_token_ids))
         if logprobs:
             self._logprobs.extend(logprobs)
-        piece = self._text.add(output.new_token_ids)
         if output.finish_reason == "abort":
             self._end_aborted(output)
-        elif self._text.stopped:
+        elif text.stopped:
             self._abort()
-            self._end("stop", output, piece)
+            self._end("stop", output, text)
         elif output.finished:
-            self._end(output.finish_reason, output, piece)
-        elif piece:
+            self._end(output.finish_reason, output, text)
+        elif text.piece:
+            piece = text.piece
             if self._tool_calls is not None:
                 piece = self._tool_calls.feed(piece)
             if piece and self._chat.stream:
@@ -326,23 +363,22 @@ class _Reply:
         self._completion_tokens += count
         self._last_token_ns = now
 
-    def _end(self, finish_reason: str, output: StepOutput, piece: str) -> None:
+    def _end(self, finish_reason: str, output: StepOutput, text: _Text) -> None:
         """The final response: in a stream, this step's piece and whatever was held back."""
-        rest = piece + self._text.finish()
-        text = self._text.text
+        rest, whole = text.piece, text.whole
         outputs = []
         if self._tool_calls is not None:
             rest = self._tool_calls.feed(rest)
             content, calls = self._tool_calls.finish()
             rest += content
             if calls:
-                text = content
+                whole = content
                 finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
                 outputs.append(_texts_tensor(TOOL_CALLS, [json.dumps(call, ensure_ascii=False) for call in calls]))
         request = self._job.request
-        outputs.insert(0, _text_tensor(RESPONSE, rest if self._chat.stream else text))
+        outputs.insert(0, _text_tensor(RESPONSE, rest if self._chat.stream else whole))
         if self._chat.prompt is not None:
-            outputs.append(InferTensor.from_numpy(HISTORY, self._chat.history_with(text), "BYTES"))
+            outputs.append(InferTensor.from_numpy(HISTORY, self._chat.history_with(whole), "BYTES"))
         outputs.extend(self._logprobs_tensor())
         self._send(InferResponse(
             request.model_name, request.model_version, request.id,
@@ -389,3 +425,15 @@ def _texts_tensor(name: str, texts: list[str | bytes]) -> InferTensor:
     array = np.empty(len(texts), dtype=np.object_)
     array[:] = [text if isinstance(text, bytes) else text.encode("utf-8") for text in texts]
     return InferTensor.from_numpy(name, array, "BYTES")
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap pages for reuse; hand them back (a no-op elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -2,11 +2,12 @@
 
 Every step the engine thread admits waiting requests into free slots
 (reusing a cached prefix when a finished sequence shares one) and prefills
-them together in one forward pass, then runs one decode step for all running
-sequences together and delivers each sequence's new token through its
-callback. The prompt tokens prefilled in one step are bounded
-(``max_prefill_tokens``), so a burst of new requests delays the running
-sequences' next token by one bounded prefill, not by all of them. A sequence
+the prompt tokens of this step together in one forward pass, then runs one
+decode step for all sequences whose prompt is in the cache and delivers each
+sequence's new token through its callback. The prompt tokens prefilled in one
+step are bounded (``max_prefill_tokens``): a long prompt, or a burst of new
+requests, is prefilled in chunks over several steps, so the running sequences'
+next token waits for one bounded chunk, never a whole long prompt. A sequence
 leaves as soon as it finishes, so its slot is reused at the next step; a
 request that arrives while others generate joins them without waiting for the
 batch to drain.
@@ -41,6 +42,7 @@ from triserve.backends.llm.prefix_cache import PrefixCache
 from triserve.backends.llm.quantization import QUANTIZATIONS
 from triserve.backends.llm.sampling import SamplingParams, SamplingRow, make_generator, sample
 from triserve.backends.llm.supervision import RestartPolicy
+from triserve.backends.llm.weights import ModelSource
 
 __all__ = ["EngineConfig", "EngineOverloaded", "EngineUnavailable", "LLMEngine", "SamplingParams",
            "StepOutput"]
@@ -53,11 +55,15 @@ class EngineConfig:
     max_num_seqs: int = 16  # sequences decoded together
     max_model_len: int = 2048  # context length (prompt + generated)
     prefix_cache_bytes: int = 256 << 20  # bound of the finished sequences' KV kept for reuse
+    # the running sequences' KV cache, reserved once: as many slots of max_model_len tokens as
+    # fit (at most max_num_seqs); pages are backed by memory only once written
+    kv_cache_bytes: int = 1024 << 20
     num_threads: int | None = None  # torch threads of the engine thread; None: all cores but one
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    quantization: str = "none"  # none | int8 (weight-only)
-    # new prompt tokens prefilled per step (at least one whole prompt): bounds the running
-    # sequences' wait when many requests arrive at once
+    device: str = "cpu"  # cpu | cuda | cuda:N (resolved by the loader from "auto")
+    quantization: str = "none"  # none | int8 | int4 (weight-only; a GGUF's quantized blocks stay as stored)
+    # prompt tokens prefilled per step: a longer prompt (or a burst of them) is prefilled in
+    # chunks over several steps, so the running sequences' next token waits for one bounded chunk
     max_prefill_tokens: int = 512
     # requests waiting for a slot beyond the free ones; more are refused at once.
     # None: 4 x max_num_seqs
@@ -76,6 +82,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.prefix_cache_bytes < 0:
             raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -131,6 +139,7 @@ class _Sequence:
     slot: int = -1  # index into the engine's running list and the KV cache
     kv_length: int = 0  # positions of token_ids whose KV is in the slot
     cached_tokens: int = 0
+    prefilled: bool = False  # the whole prompt is in the KV cache (it may take several steps)
     generated: int = 0
     finished: bool = False
 
@@ -150,11 +159,16 @@ class _Inbox:
 
 
 class LLMEngine:
-    def __init__(self, hf_model: torch.nn.Module, config: EngineConfig):
+    def __init__(self, model: ModelSource | torch.nn.Module, config: EngineConfig):
+        """``model``: what the loader read, or a loaded HF model (its weights are then shared
+        where they need no conversion)."""
         self.config = config
+        source = model if isinstance(model, ModelSource) else ModelSource.from_hf_model(model)
         with torch.inference_mode():
-            self.runner = ModelRunner(hf_model, config.max_model_len, config.dtype, config.quantization)
-        self.kv_cache = self.runner.new_kv_cache(config.max_num_seqs)
+            self.runner = ModelRunner(source.config, source.weights, config.max_model_len, config.dtype,
+                                      config.quantization, config.device)
+        self.max_slots = _kv_slots(config, self.runner.kv_bytes_per_token)
+        self.kv_cache = self.runner.new_kv_cache(self.max_slots)
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         self._lock = threading.Condition()
         self._inbox = _Inbox()
@@ -203,7 +217,7 @@ class LLMEngine:
 
     def _check_room(self) -> None:
         """Refuse a request the waiting queue has no room for (called under the lock)."""
-        free_slots = max(0, self.config.max_num_seqs - len(self._running))
+        free_slots = max(0, self.max_slots - len(self._running))
         if len(self._inbox.waiting) >= free_slots + self.config.max_queue_size:
             self.refused_total += 1
             raise EngineOverloaded(
@@ -234,7 +248,8 @@ class LLMEngine:
             "prefix_cache_bytes": self.prefix_cache.bytes,
             "prefix_cache_entries": len(self.prefix_cache),
             "kv_cache_bytes_in_use": sum(s.kv_length for s in running) * self.kv_cache.bytes_per_token,
-            "kv_cache_bytes_allocated": self.kv_cache.bytes_allocated,
+            "kv_cache_bytes_reserved": self.kv_cache.bytes_reserved,
+            "weight_bytes": self.runner.weight_bytes,
             "generated_tokens_total": self.generated_tokens_total,
             "prompt_tokens_total": self.prompt_tokens_total,
             "refused_total": self.refused_total,
@@ -280,12 +295,13 @@ class LLMEngine:
             candidates, aborted = work
             for sequence in aborted:
                 self._finish(sequence, "abort", [])
-            admitted = self._admit(candidates)
-            if admitted:
-                self._faults.crash_on_admission([s.params for s in admitted])
-                self._guarded(admitted, self._prefill, admitted)
-            if self._running:
-                self._guarded(list(self._running), self._decode)
+            plan = self._plan_prefill(candidates)
+            if plan:
+                self._faults.crash_on_admission([s.params for s, _ in plan])
+                self._guarded([sequence for sequence, _ in plan], self._prefill, plan)
+            decoding = [s for s in self._running if s.prefilled]
+            if decoding:
+                self._guarded(decoding, self._decode, decoding)
         self._drain()
 
     def _recover(self, exc: BaseException) -> bool:
@@ -321,7 +337,7 @@ class LLMEngine:
             self._deliver(sequence, StepOutput([], True, "abort", sequence.prompt_tokens,
                                                sequence.cached_tokens, error, engine_fault=True))
         # the slots' state is unknown after a fault: start over from empty caches
-        self.kv_cache = self.runner.new_kv_cache(self.config.max_num_seqs)
+        self.kv_cache = self.runner.new_kv_cache(self.max_slots)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         if backoff is None:
             return False
@@ -342,7 +358,7 @@ class LLMEngine:
             aborted += [s for s in inbox.waiting if s.request_id in inbox.aborts]
             inbox.waiting = deque(s for s in inbox.waiting if s.request_id not in inbox.aborts)
             inbox.aborts.clear()
-            free = self.config.max_num_seqs - len(self._running) + sum(s.slot >= 0 for s in aborted)
+            free = self.max_slots - len(self._running) + sum(s.slot >= 0 for s in aborted)
             candidates = [inbox.waiting.popleft() for _ in range(min(free, len(inbox.waiting)))]
             return candidates, aborted
 
@@ -356,58 +372,71 @@ class LLMEngine:
                 if not sequence.finished:
                     self._finish(sequence, "abort", [], error=f"{type(exc).__name__}: {exc}")
 
-    def _admit(self, candidates: list[_Sequence]) -> list[_Sequence]:
-        """Give candidates slots while this step's prefill budget lasts; the others go back to
-        the front of the queue, in order."""
-        admitted: list[_Sequence] = []
-        new_tokens = 0
+    # --- scheduling: chunked prefill under a per-step token budget, then one decode step ---
+
+    def _plan_prefill(self, candidates: list[_Sequence]) -> list[tuple[_Sequence, int]]:
+        """This step's prompt tokens, at most ``max_prefill_tokens``: first the next chunk of the
+        prompts already being prefilled, then new candidates (given a slot each) while the budget
+        lasts; the other candidates go back to the front of the queue, in order. A long prompt is
+        prefilled over several steps, and the running sequences decode at every one of them."""
+        budget = self.config.max_prefill_tokens
+        plan: list[tuple[_Sequence, int]] = []
+        for sequence in self._running:
+            if not sequence.prefilled and budget > 0:
+                count = min(budget, sequence.prompt_tokens - sequence.kv_length)
+                plan.append((sequence, count))
+                budget -= count
         for index, sequence in enumerate(candidates):
-            if new_tokens >= self.config.max_prefill_tokens:
+            if budget <= 0:
                 with self._lock:
                     self._inbox.waiting.extendleft(reversed(candidates[index:]))
                 break
             self._guarded([sequence], self._take_slot, sequence)
             if not sequence.finished:
-                admitted.append(sequence)
-                new_tokens += len(sequence.token_ids) - sequence.cached_tokens
-        return admitted
+                count = min(budget, sequence.prompt_tokens - sequence.kv_length)
+                plan.append((sequence, count))
+                budget -= count
+        return plan
 
     def _take_slot(self, sequence: _Sequence) -> None:
         """Join the running sequences, with the KV of the longest cached prefix of the prompt."""
         prompt = sequence.token_ids
         slot = len(self._running)
-        self.kv_cache.reserve(slot + 1, len(prompt))
         if self.config.prefix_cache_bytes:
             match = self.prefix_cache.lookup(prompt, len(prompt) - 1)
             if match is not None:
                 self.kv_cache.load(slot, match.kv, match.length)
-                sequence.cached_tokens = match.length
+                sequence.cached_tokens = sequence.kv_length = match.length
         sequence.slot = slot
         self._running.append(sequence)
 
-    def _prefill(self, sequences: list[_Sequence]) -> None:
+    def _prefill(self, plan: list[tuple[_Sequence, int]]) -> None:
+        """One forward pass over every planned chunk; a sequence whose prompt is now complete
+        gets its first token."""
         try:
             if self._faults.enabled:
-                self._faults.fail_prefill([s.params for s in sequences])
-            logits = self.runner.prefill(self.kv_cache, self._chunks(sequences))
+                self._faults.fail_prefill([s.params for s, _ in plan])
+            chunks = [PrefillChunk(s.slot, s.token_ids[s.kv_length : s.kv_length + count], s.kv_length)
+                      for s, count in plan]
+            logits = self.runner.prefill(self.kv_cache, chunks)
         except Exception:
-            if len(sequences) == 1:
+            if len(plan) == 1:
                 raise
             # find the sequence that fails: each on its own (a prefill rewrites the same KV
             # positions, so the retry is exact); one that fails alone fails alone
-            logger.exception("LLM engine: a prefill of %d sequences failed; retrying one by one",
-                             len(sequences))
-            for sequence in sequences:
-                self._guarded([sequence], self._prefill, [sequence])
+            logger.exception("LLM engine: a prefill of %d sequences failed; retrying one by one", len(plan))
+            for sequence, count in plan:
+                self._guarded([sequence], self._prefill, [(sequence, count)])
             return
-        for sequence in sequences:
-            sequence.kv_length = len(sequence.token_ids)
-            self.prompt_tokens_total += sequence.prompt_tokens
-        self._sample_and_advance(sequences, logits)
-
-    @staticmethod
-    def _chunks(sequences: list[_Sequence]) -> list[PrefillChunk]:
-        return [PrefillChunk(s.slot, s.token_ids[s.cached_tokens:], s.cached_tokens) for s in sequences]
+        complete = []
+        for row, (sequence, count) in enumerate(plan):
+            sequence.kv_length += count
+            if sequence.kv_length == sequence.prompt_tokens:
+                complete.append(row)
+                sequence.prefilled = True
+                self.prompt_tokens_total += sequence.prompt_tokens
+        if complete:
+            self._sample_and_advance([plan[row][0] for row in complete], logits[complete])
 
     def _sample_and_advance(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
         """Each sequence's next token; a row that cannot be sampled fails only its sequence."""
@@ -419,11 +448,10 @@ class LLMEngine:
             else:
                 self._advance(sequence, token)
 
-    def _decode(self) -> None:
-        batch = list(self._running)
+    def _decode(self, batch: list[_Sequence]) -> None:
         positions = [s.kv_length for s in batch]
-        self.kv_cache.reserve(len(batch), max(positions) + 1)
-        logits = self.runner.decode(self.kv_cache, [s.token_ids[-1] for s in batch], positions)
+        logits = self.runner.decode(self.kv_cache, [s.token_ids[-1] for s in batch], positions,
+                                    [s.slot for s in batch])
         for sequence in batch:
             sequence.kv_length += 1
         if self._faults.enabled:
@@ -483,3 +511,19 @@ class LLMEngine:
             self._inbox.waiting.clear()
         for sequence in list(self._running) + waiting:
             self._finish(sequence, "abort", [], keep_kv=False)
+
+
+def _kv_slots(config: EngineConfig, bytes_per_token: int) -> int:
+    """Sequences of ``max_model_len`` tokens whose KV fits ``kv_cache_bytes`` (at most
+    ``max_num_seqs``); refuses a budget too small for even one."""
+    per_sequence = config.max_model_len * bytes_per_token
+    slots = min(config.max_num_seqs, config.kv_cache_bytes // per_sequence)
+    if slots < 1:
+        raise ValueError(f"the KV cache budget ({config.kv_cache_bytes >> 20} MB) does not hold one sequence of "
+                         f"max_model_len {config.max_model_len} tokens ({-(-per_sequence >> 20)} MB); raise "
+                         f"kv_cache_mb or lower max_model_len")
+    if slots < config.max_num_seqs:
+        logger.warning("the KV cache budget (%d MB) holds %d sequences of %d tokens: %d run at once, not "
+                       "max_num_seqs %d (raise kv_cache_mb for more)", config.kv_cache_bytes >> 20, slots,
+                       config.max_model_len, slots, config.max_num_seqs)
+    return slots

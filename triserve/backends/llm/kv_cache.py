@@ -1,71 +1,65 @@
-"""The per-slot key/value cache of the running sequences.
+"""The per-slot key/value cache of the running sequences: one allocation, made once.
 
-Each layer holds one K and one V tensor shaped ``[slots, kv_heads, capacity,
-head_dim]``. Running sequences occupy slots ``0..n-1`` with no gaps (the engine
-moves the last sequence into a freed slot), so a decode step attends over the
-view ``[:n, :, :length]`` without gathering anything. Both ``slots`` and
-``capacity`` grow on demand, in blocks, up to ``max_num_seqs`` and
-``max_model_len``: a server that only ever sees short chats never pays for
-16 x 2048 tokens of cache.
+Each layer holds one K and one V view shaped ``[slots, kv_heads, capacity,
+head_dim]`` of a single buffer. Running sequences occupy slots ``0..n-1`` with
+no gaps (the engine moves the last sequence into a freed slot), so a decode
+step attends over the view ``[:n, :, :length]`` without gathering anything, and
+nothing is ever reallocated or copied to grow.
+
+The buffer is an anonymous memory map: the operating system hands it out as
+zero pages and backs a page with memory only when it is first written, so a
+server that only ever sees short chats holds (resident) only the KV of the
+positions it used, not ``slots x capacity`` (on a GPU the buffer is allocated
+whole, as every GPU server does). Its size — what is *reserved* — is
+fixed by the engine from a byte budget (``kv_cache_mb``).
 """
 
 from __future__ import annotations
 
-import torch
+import mmap
 
-#: capacity grows in multiples of this many tokens, so that growth (a copy) is rare
-CAPACITY_BLOCK = 256
+import torch
 
 
 class KVCache:
     def __init__(self, num_layers: int, max_slots: int, kv_heads: int, head_dim: int,
-                 max_len: int, dtype: torch.dtype):
+                 max_len: int, dtype: torch.dtype, device: torch.device = torch.device("cpu")):
         self.num_layers = num_layers
         self.max_slots = max_slots
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.max_len = max_len
         self.dtype = dtype
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self._allocate(0, 0)
+        shape = (num_layers, 2, max_slots, kv_heads, max_len, head_dim)
+        count = num_layers * 2 * max_slots * kv_heads * max_len * head_dim
+        if device.type == "cpu":
+            self._map = mmap.mmap(-1, max(1, count * _element_size(dtype)))
+            buffer = torch.frombuffer(self._map, dtype=dtype, count=count).view(shape)
+        else:  # an accelerator's memory is reserved whole
+            buffer = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys: list[torch.Tensor] = [buffer[layer, 0] for layer in range(num_layers)]
+        self.values: list[torch.Tensor] = [buffer[layer, 1] for layer in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_token_of(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """K and V of one token across all layers."""
+        return 2 * num_layers * kv_heads * head_dim * _element_size(dtype)
 
     @property
     def slots(self) -> int:
-        return self.keys[0].shape[0]
+        return self.max_slots
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        return self.max_len
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token across all layers."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * element
+        return self.bytes_per_token_of(self.num_layers, self.kv_heads, self.head_dim, self.dtype)
 
     @property
-    def bytes_allocated(self) -> int:
-        return self.slots * self.capacity * self.bytes_per_token
-
-    def reserve(self, slots: int, length: int) -> None:
-        """Make room for ``slots`` sequences of up to ``length`` tokens each."""
-        if slots > self.max_slots or length > self.max_len:
-            raise ValueError(f"KV cache request of {slots} slots x {length} tokens exceeds "
-                             f"{self.max_slots} slots x {self.max_len} tokens")
-        if slots <= self.slots and length <= self.capacity:
-            return
-        new_slots = max(self.slots, min(self.max_slots, _round_up(slots, 4)))
-        new_capacity = max(self.capacity, min(self.max_len, _round_up(length, CAPACITY_BLOCK)))
-        self._allocate(new_slots, new_capacity)
-
-    def _allocate(self, slots: int, capacity: int) -> None:
-        shape = (slots, self.kv_heads, capacity, self.head_dim)
-        old_keys, old_values = self.keys, self.values
-        self.keys = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
-        self.values = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
-        for old, new in zip(old_keys + old_values, self.keys + self.values):
-            new[: old.shape[0], :, : old.shape[2]] = old
+    def bytes_reserved(self) -> int:
+        return self.max_slots * self.max_len * self.bytes_per_token
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``source`` into slot ``target``."""
@@ -87,5 +81,5 @@ class KVCache:
             v[slot, :, :length] = kv[layer, 1, :, :length]
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

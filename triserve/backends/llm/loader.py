@@ -25,12 +25,14 @@ from tritonclient.grpc import model_config_pb2
 
 from triserve import progress
 from triserve.backends.llm.engine import EngineConfig
+from triserve.backends.llm.gguf_weights import read_gguf_weights
+from triserve.backends.llm.weights import ModelSource, SafetensorsWeights
 from triserve.cache import cache_dir, file_sha256
 
 _PACKAGE_PREFIX = "package:"
 _PARAMETERS = ("model", "dtype", "quantization", "max_num_seqs", "max_model_len",
-               "max_prefill_tokens", "max_queue_size", "prefix_cache_mb", "num_threads",
-               "trust_remote_code", "fault_nan_seed", "fault_prefill_seed", "fault_crash_seed")
+               "max_prefill_tokens", "max_queue_size", "prefix_cache_mb", "kv_cache_mb", "device",
+               "num_threads", "trust_remote_code", "fault_nan_seed", "fault_prefill_seed", "fault_crash_seed")
 
 
 @dataclass(frozen=True)
@@ -64,17 +66,21 @@ class LLMSettings:
                 raise ValueError(f"parameter '{key}': '{text}' is not an integer") from None
 
         prefix_cache_mb = integer("prefix_cache_mb", defaults.prefix_cache_bytes >> 20)
+        kv_cache_mb = integer("kv_cache_mb", defaults.kv_cache_bytes >> 20)
         trust = values.get("trust_remote_code", "false").lower()
         if trust not in ("true", "false"):
             raise ValueError(f"parameter 'trust_remote_code': '{trust}' is not true or false")
+        device = resolve_device(values.get("device") or "cpu")
         engine = EngineConfig(
             max_num_seqs=integer("max_num_seqs", defaults.max_num_seqs),
             max_model_len=integer("max_model_len", defaults.max_model_len),
             max_prefill_tokens=integer("max_prefill_tokens", defaults.max_prefill_tokens),
             max_queue_size=integer("max_queue_size", None),
             prefix_cache_bytes=prefix_cache_mb << 20,
+            kv_cache_bytes=kv_cache_mb << 20,
             num_threads=integer("num_threads", defaults.num_threads),
-            dtype=resolve_dtype(values.get("dtype") or defaults.dtype),
+            dtype=resolve_dtype(values.get("dtype") or defaults.dtype, device),
+            device=device,
             quantization=values.get("quantization") or defaults.quantization,
             fault_nan_seed=integer("fault_nan_seed", None),
             fault_crash_seed=integer("fault_crash_seed", None),
@@ -83,14 +89,36 @@ class LLMSettings:
         return cls(resolve_model_path(values["model"], model_dir), engine, trust == "true")
 
 
-def resolve_dtype(dtype: str) -> str:
-    """``auto``: bfloat16 where the CPU has native bf16 dot products (AVX512-BF16, AMX), where it
-    serves ~1.45x the tokens/s of float32; float32 elsewhere, where bf16 is emulated and slower."""
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """``auto``: on a GPU bfloat16 where it has it, else float16; on the CPU bfloat16 where it has
+    native bf16 dot products (AVX512-BF16, AMX), where it serves ~1.45x the tokens/s of float32;
+    float32 elsewhere, where bf16 is emulated and slower."""
     if dtype != "auto":
         return dtype
     import torch
 
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N``, or ``auto`` (the first GPU if torch sees one, else the CPU);
+    a GPU torch cannot see is an error naming it."""
+    import torch
+
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        index = int(device[5:]) if ":" in device else 0
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise ValueError(f"parameter 'device': '{device}' is not available (torch sees {count} CUDA "
+                             f"device(s)); use 'cpu' or 'auto'")
+        return f"cuda:{index}"
+    raise ValueError(f"parameter 'device': '{device}' is not one of cpu, cuda, cuda:N, auto")
 
 
 def resolve_model_path(spec: str, model_dir: Path) -> Path:
@@ -115,54 +143,66 @@ def _install_hint(module: str) -> str:
     return "pip install the package that provides it"
 
 
-def load_model(settings: LLMSettings, logger: logging.Logger) -> tuple[Any, Any]:
-    """The HF causal LM (eval mode, on CPU) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(settings: LLMSettings, logger: logging.Logger) -> tuple[ModelSource, Any]:
+    """The model's config, weights and generation config, and its tokenizer.
+
+    Weights are read one tensor at a time into the form the engine runs them in (quantized
+    blocks of a GGUF stay quantized), never as a full float model; an architecture the engine
+    cannot run is refused, by name, before any weight is read.
+    """
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
+
+    from triserve.backends.llm.model_runner import check_supported
 
     hf_logging.disable_progress_bar()  # progress bars would garble the server's log
     started = time.monotonic()
-    folder = settings.model
-    if folder.suffix == ".gguf":
-        folder = _converted_gguf(folder, logger)
-        logger.info("loading %s (its safetensors copy in %s)", settings.model.name, folder)
-    else:
-        logger.info("loading %s", folder)
+    path = settings.model
     options = {"local_files_only": True, "trust_remote_code": settings.trust_remote_code}
+    folder = _gguf_metadata(path, logger) if path.suffix == ".gguf" else path
+    logger.info("loading %s", path.name)
+    config = AutoConfig.from_pretrained(folder, **options)
+    check_supported(config, settings.engine.max_model_len)
     tokenizer = AutoTokenizer.from_pretrained(folder, **options)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=settings.engine.dtype, **options)
-    logger.info("loaded %s in %.1f s", settings.model.name, time.monotonic() - started)
-    return model.eval(), tokenizer
+    try:
+        generation_config = GenerationConfig.from_pretrained(folder, **options)
+    except OSError:  # the folder has none: the model config's values
+        generation_config = GenerationConfig.from_model_config(config)
+    if path.suffix == ".gguf":
+        heads = config.num_attention_heads
+        weights: Any = read_gguf_weights(path, heads, getattr(config, "num_key_value_heads", None) or heads,
+                                         settings.engine.quantization)
+    else:
+        weights = SafetensorsWeights(folder)
+    logger.info("read %s in %.1f s", path.name, time.monotonic() - started)
+    return ModelSource(config, weights, generation_config), tokenizer
 
 
-def _converted_gguf(gguf: Path, logger: logging.Logger) -> Path:
-    """The safetensors folder of a GGUF file, converting it on first use.
+def _gguf_metadata(gguf: Path, logger: logging.Logger) -> Path:
+    """A folder with the config, tokenizer and generation config of a GGUF file (not its weights,
+    which are read from the file itself), made on first use: transformers' conversion of the
+    tokenizer takes seconds.
 
-    The conversion is written to a temporary folder beside its final place and
-    renamed into it, so a crash or a second server converting at the same time
-    never leaves a half-written model behind.
+    The folder is written under a temporary name beside its final place and renamed into it,
+    so a crash or a second server converting at the same time never leaves a half-written one.
     """
-    target = cache_dir("models") / file_sha256(gguf)
+    target = cache_dir("gguf") / file_sha256(gguf)
     if target.is_dir():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    logger.info("loading %s: converting GGUF to safetensors in %s (first start only)", gguf.name, target)
-    started = time.monotonic()
+    logger.info("reading the config and tokenizer of %s into %s (first start only)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         options = {"gguf_file": gguf.name, "local_files_only": True}
-        with progress.steps(f"converting {gguf.name}", total=3) as done:
-            # dequantize=True yields a plain dense model, which save_pretrained can write.
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, quantization_config=GgufConfig(gguf_file=str(gguf), dequantize=True), **options)
-            done("dequantized")
-            model.save_pretrained(staging)
-            done("weights saved")
+        with progress.steps(f"reading the config and tokenizer of {gguf.name}", total=2) as done:
+            config = AutoConfig.from_pretrained(gguf.parent, **options)
+            config.save_pretrained(staging)
+            GenerationConfig.from_model_config(config).save_pretrained(staging)
+            done("config saved")
             AutoTokenizer.from_pretrained(gguf.parent, **options).save_pretrained(staging)
             done("tokenizer saved")
-        del model
         try:
             staging.rename(target)
         except OSError:
@@ -170,7 +210,4 @@ def _converted_gguf(gguf: Path, logger: logging.Logger) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("converted %s in %.1f s", gguf.name, time.monotonic() - started)
     return target
-
-

@@ -24,6 +24,9 @@ _GAUGES = (
     ("triserve_llm_waiting_sequences", "waiting", "Requests waiting for a free sequence slot"),
     ("triserve_llm_kv_cache_bytes_in_use", "kv_cache_bytes_in_use", "KV cache bytes held by running sequences"),
     ("triserve_llm_prefix_cache_bytes", "prefix_cache_bytes", "KV bytes kept in the prefix cache for reuse"),
+    ("triserve_llm_kv_cache_bytes_reserved", "kv_cache_bytes_reserved",
+     "KV cache bytes reserved at load (kv_cache_mb); on the CPU only written pages take memory"),
+    ("triserve_llm_weight_bytes", "weight_bytes", "Bytes of the weights the engine holds, as stored (quantized or not)"),
 )
 _COUNTERS = (
     ("triserve_llm_prompt_tokens", "prompt_tokens_total", "Prompt tokens prefilled"),

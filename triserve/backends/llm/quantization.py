@@ -1,61 +1,221 @@
-"""The engine's linear layers: dense, or weight-only int8 on CPU.
+"""The engine's weights and linear layers: dense, or weight-only int8 / int4 that stay quantized.
 
-Small-batch decoding on CPU is bound by reading the weights from memory, so
-storing them as int8 (with one scale per output channel) reads a quarter of the
-bytes of float32. ``torch._weight_int8pack_mm`` multiplies float activations by
-such weights directly, without materialising a dequantized copy. Its CPU
-kernel is fast only for bfloat16 activations (with float32 activations it was
-4-13x slower than plain float32 weights on SmolLM2-135M), so int8 layers always
-compute in bfloat16 and hand back the engine's dtype.
+Decoding one token on a CPU reads every weight once, so the bytes stored per
+weight set the speed. Quantized weights are kept as they are quantized and
+multiplied by torch's weight-only kernels, never dequantized to a full-size copy:
+
+- int4, groups of 32 along the input dimension with one scale and one zero per
+  group (``value = (q - 8) * scale + zero``): ``torch.ops.aten._weight_int4pack_mm_for_cpu``
+  on the weight packed by ``_convert_weight_to_int4pack_for_cpu``. GGUF's Q4_0
+  (``(q - 8) * d``: zero 0) and Q4_1 (``q * d + m``: zero ``m + 8 d``) blocks are
+  exactly this layout, so they are repacked without any rounding;
+- int8 with one scale per output channel: ``torch._weight_int8pack_mm``.
+
+Both kernels compute in bfloat16 (their CPU kernels are fast only for it), and
+hand back the engine's dtype. Weights are first gathered in an unpacked form
+(:class:`DenseWeight`, :class:`Int8Weight`, :class:`Int4Weight`) so that q/k/v
+and gate/up can be concatenated into one matrix each before packing.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
+GROUP = 32  # int4 group size along the input dimension (GGUF's block size)
+COMPUTE_DTYPE = torch.bfloat16  # what the weight-only kernels compute in
+
+
+@dataclass
+class DenseWeight:
+    tensor: torch.Tensor  # [out, in]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.tensor.shape)
+
+
+@dataclass
+class Int8Weight:
+    q: torch.Tensor  # int8 [out, in]
+    scales: torch.Tensor  # float32 [out]: value = q * scale
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> "Int8Weight":
+        """Symmetric, one scale per output channel."""
+        weight = weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q.contiguous(), scales)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scales[:, None]
+
+
+@dataclass
+class Int4Weight:
+    q: torch.Tensor  # uint8 [out, in], values 0..15
+    scales: torch.Tensor  # float32 [out, in / GROUP]
+    zeros: torch.Tensor  # float32 [out, in / GROUP]: value = (q - 8) * scale + zero
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> "Int4Weight":
+        """Asymmetric (min/max) per group of 32 inputs, as GGUF's Q4_1."""
+        out, inputs = weight.shape
+        groups = weight.detach().float().reshape(out, inputs // GROUP, GROUP)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scales = ((high - low) / 15).clamp(min=1e-8)
+        q = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+        return cls(q.reshape(out, inputs), scales, low + 8 * scales)
+
+    def dequantize(self) -> torch.Tensor:
+        out, inputs = self.q.shape
+        groups = (self.q.float().reshape(out, inputs // GROUP, GROUP) - 8) * self.scales[..., None]
+        return (groups + self.zeros[..., None]).reshape(out, inputs)
+
+
+Weight = DenseWeight | Int8Weight | Int4Weight
+
+
+def int4_fits(shape: tuple[int, int]) -> bool:
+    """The int4 kernel needs whole groups along the input and 16-row tiles along the output."""
+    out, inputs = shape
+    return inputs % GROUP == 0 and out % 16 == 0
+
+
+def quantize(weight: torch.Tensor, quantization: str) -> Weight:
+    """A float checkpoint's projection weight, as ``quantization`` asks (int4 falls back to int8
+    for a shape its kernel cannot take)."""
+    if quantization == "none":
+        return DenseWeight(weight)
+    if quantization == "int4" and int4_fits(tuple(weight.shape)):
+        return Int4Weight.quantize(weight)
+    if quantization in ("int4", "int8"):
+        return Int8Weight.quantize(weight)
+    raise ValueError(f"unknown quantization '{quantization}'; expected one of {', '.join(QUANTIZATIONS)}")
+
+
+def concatenate(weights: list[Weight]) -> Weight | None:
+    """One weight whose outputs are those of ``weights`` in order (q/k/v, gate/up); None when
+    they are not all stored the same way."""
+    kinds = {type(weight) for weight in weights}
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if kind is DenseWeight:
+        return DenseWeight(torch.cat([w.tensor for w in weights]))
+    if kind is Int8Weight:
+        return Int8Weight(torch.cat([w.q for w in weights]), torch.cat([w.scales for w in weights]))
+    return Int4Weight(torch.cat([w.q for w in weights]), torch.cat([w.scales for w in weights]),
+                      torch.cat([w.zeros for w in weights]))
 
 
 class DenseLinear:
-    """``x @ weight.T + bias`` with the weight kept as given (a view of the HF model's when the dtype matches)."""
+    """``x @ weight.T + bias`` in the engine's dtype, on the engine's device."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-        self.weight = weight.detach().to(dtype)
-        self.bias = None if bias is None else bias.detach().to(dtype)
+    def __init__(self, weight: DenseWeight, bias: torch.Tensor | None, dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")):
+        self.weight = weight.tensor.detach().to(device, dtype).contiguous()
+        self.bias = None if bias is None else bias.detach().to(device, dtype)
+        self.nbytes = _nbytes(self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
 class Int8Linear:
-    """Weight-only int8 with symmetric per-output-channel scales, computed in bfloat16."""
+    """Weight-only int8 with one scale per output channel, computed in bfloat16."""
 
-    compute_dtype = torch.bfloat16
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-        weight = weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.weight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scales = scales.to(self.compute_dtype)
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.weight = weight.q
+        self.scales = weight.scales.to(COMPUTE_DTYPE)
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.dtype = dtype
+        self.nbytes = _nbytes(self.weight, self.scales, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(self.compute_dtype).contiguous()
+        flat = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
         y = torch._weight_int8pack_mm(flat, self.weight, self.scales).to(self.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-Linear = DenseLinear | Int8Linear
+class Int4Linear:
+    """Weight-only int4 in groups of 32 inputs (scale and zero per group), computed in bfloat16."""
+
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+        # [in / GROUP, out, 2]: the kernel's scales_and_zeros
+        self.scales_and_zeros = torch.stack((weight.scales.t(), weight.zeros.t()), dim=-1).to(
+            COMPUTE_DTYPE).contiguous()
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.dtype = dtype
+        self.nbytes = _nbytes(self.weight, self.scales_and_zeros, self.bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP, self.scales_and_zeros)
+        y = y.to(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                quantization: str) -> Linear:
-    if quantization == "int8":
+Linear = DenseLinear | Int8Linear | Int4Linear
+
+
+def make_linear(weight: Weight, bias: torch.Tensor | None, dtype: torch.dtype,
+                device: torch.device = torch.device("cpu")) -> Linear:
+    if device.type != "cpu" and not isinstance(weight, DenseWeight):
+        raise ValueError(f"quantized weights run on torch's CPU kernels only, not on device '{device}': "
+                         f"on a GPU serve a float checkpoint (safetensors) with quantization none")
+    if isinstance(weight, Int4Weight):
+        return Int4Linear(weight, bias, dtype)
+    if isinstance(weight, Int8Weight):
         return Int8Linear(weight, bias, dtype)
-    if quantization == "none":
-        return DenseLinear(weight, bias, dtype)
-    raise ValueError(f"unknown quantization '{quantization}'; expected one of {', '.join(QUANTIZATIONS)}")
+    return DenseLinear(weight, bias, dtype, device)
+
+
+class Embedding:
+    """Token embeddings, dense or int8 rows (one scale per token); when the output head is tied,
+    the head multiplies by this same table (no second copy)."""
+
+    def __init__(self, weight: DenseWeight | Int8Weight, dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")):
+        self.dtype = dtype
+        if isinstance(weight, Int8Weight):
+            self.head: Linear = make_linear(weight, None, dtype, device)
+            self.scales = weight.scales.to(dtype)
+        else:
+            self.head = DenseLinear(weight, None, dtype, device)
+            self.scales = None
+        self.nbytes = self.head.nbytes
+
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.head.weight[token_ids]
+        if self.scales is None:
+            return rows
+        return rows.to(self.dtype) * self.scales[token_ids, None]
+
+
+def embedding_weight(weight: Weight) -> DenseWeight | Int8Weight:
+    """Embeddings are looked up by row: int4 (grouped) rows are re-quantized to int8 rows."""
+    if isinstance(weight, Int4Weight):
+        return Int8Weight.quantize(weight.dequantize())
+    return weight
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -3,11 +3,13 @@
 Penalties first (repetition; OpenAI's presence / frequency on the generated
 tokens), then each guided row's grammar mask (triserve.backends.llm.guided), so
 that batched sequences with and without grammars share one step. Greedy rows
-take the argmax; sampling rows share one temperature / top-k / top-p / min-p
-pass over the sorted batch, and each draws with its own ``torch.Generator`` so
-that a request with a seed is reproducible whatever else runs beside it. A row
-that asks for logprobs gets the chosen token's and the top alternatives'
-(log-softmax of the penalised, masked logits) in ``SamplingRow.last_logprobs``.
+take the argmax and never sort; sampling rows share one temperature / top-k /
+top-p / min-p pass over their candidates (``topk``, not a sort of the whole
+vocabulary, when every row has a top-k), and each draws with its own
+``torch.Generator`` so that a request with a seed is reproducible whatever else
+runs beside it. A row that asks for logprobs gets the chosen token's and the top
+alternatives' (log-softmax of the penalised, masked logits) in
+``SamplingRow.last_logprobs``.
 
 One row never fails another: a row whose logits are NaN, or whose draw raises,
 gets its exception in place of a token and the other rows are sampled as
@@ -190,14 +192,26 @@ def _apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalt
 
 
 def _sample_rows(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int | Exception]:
+    """Temperature, then top-k and top-p, then one draw per row from its own generator.
+
+    Only the candidates any row can keep are sorted: ``topk`` of the largest top-k in the
+    batch, not a sort of the whole vocabulary (a row with top-p but no top-k needs the whole
+    order, and gets it). Probabilities are normalised over the whole vocabulary either way,
+    so top-p's mass is the same whatever else is in the batch."""
     vocab = logits.shape[-1]
     temperature = torch.tensor([row.params.temperature for row in rows], dtype=logits.dtype)
     # top_k beyond the vocabulary (up to 2**63 - 1) is no limit
     top_k = torch.tensor([min(row.params.top_k, vocab) or vocab for row in rows])
     top_p = torch.tensor([row.params.top_p for row in rows], dtype=logits.dtype)
-    sorted_logits, order = torch.sort(_finite(logits / temperature[:, None]), dim=-1, descending=True)
-    ranks = torch.arange(vocab)
-    probs = torch.softmax(sorted_logits, dim=-1)
+    scaled = _finite(logits / temperature[:, None])
+    probs = torch.softmax(scaled, dim=-1)  # over the whole vocabulary: no sort needed for this
+    if all(row.params.top_k == 0 and row.params.top_p >= 1.0 and row.params.min_p == 0
+           for row in rows):  # nothing to cut
+        return [_guarded_draw(probs[i], row.generator) for i, row in enumerate(rows)]
+    width = vocab if any(row.params.top_k == 0 and row.params.top_p < 1.0 for row in rows) else int(top_k.max())
+    order = torch.topk(scaled, min(width, vocab), dim=-1).indices  # sorted, largest first
+    probs = probs.gather(-1, order)
+    ranks = torch.arange(order.shape[-1])
     # a token is kept if it is within top-k and the mass before it is below top-p; the most
     # likely token always survives (a top_p of 1e-300 is 0 in float32)
     mass_before = probs.cumsum(dim=-1) - probs
@@ -208,9 +222,25 @@ def _sample_rows(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int 
     probs = torch.where(keep, probs, 0.0)
     tokens: list[int | Exception] = []
     for i, row in enumerate(rows):
-        try:
-            pick = torch.multinomial(probs[i], 1, generator=row.generator)
-            tokens.append(int(order[i, pick]))
-        except Exception as exc:  # this row alone
-            tokens.append(exc)
+        pick = _guarded_draw(probs[i], row.generator)
+        tokens.append(pick if isinstance(pick, Exception) else int(order[i, pick]))
     return tokens
+
+
+def _guarded_draw(probs: torch.Tensor, generator: torch.Generator) -> int | Exception:
+    """A draw, or the exception that stopped it (it fails this row alone)."""
+    try:
+        return _draw(probs, generator)
+    except Exception as exc:  # noqa: BLE001 - returned, to fail this row alone
+        return exc
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One index drawn with probability proportional to ``probs``, from one uniform number (inverse
+    CDF): unlike ``torch.multinomial``, the generator's use does not depend on how many candidates
+    the batch made this row carry, so a seeded reply is the same alone or batched."""
+    if not bool(torch.isfinite(probs).all()) or not bool((probs >= 0).all()) or float(probs.sum()) <= 0:
+        raise ValueError("probability tensor contains inf, nan or element < 0, or sums to 0")
+    cdf = probs.cumsum(dim=0)
+    u = torch.rand(1, generator=generator, dtype=cdf.dtype) * cdf[-1]
+    return int(torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[0] - 1))

@@ -1,0 +1,91 @@
+"""Batch-N decode step of the engine, measured in-process (no server): ms per step and where it goes.
+
+    .venv/bin/python -m bench.llm.decode_step                      # the default repository's smollm2
+    .venv/bin/python -m bench.llm.decode_step --batch 1 16 --threads 1 2 --profile
+    .venv/bin/python -m bench.llm.decode_step --set quantization=int4 --set dtype=bfloat16
+
+Each measurement prefills ``--context`` tokens per sequence, then times ``--steps``
+decode steps (median step time). ``--profile`` prints torch.profiler's top operators
+of a batch-1 step. Figures and findings: bench/llm/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from triserve.backends.llm.loader import LLMSettings, load_model
+from triserve.backends.llm.engine import LLMEngine
+from triserve.backends.llm.model_runner import PrefillChunk
+from triserve.core.config import CONFIG_FILENAME, parse_config
+
+REPOSITORY = Path(__file__).resolve().parents[2] / "triserve" / "model_repository" / "smollm2"
+
+
+def load_engine(overrides: dict[str, str]) -> LLMEngine:
+    path = REPOSITORY / CONFIG_FILENAME
+    config = parse_config(path.read_text(), str(path))
+    for key, value in overrides.items():
+        config.parameters[key].string_value = value
+    settings = LLMSettings.from_config(config, REPOSITORY)
+    model, _ = load_model(settings, logging.getLogger("bench"))
+    return LLMEngine(model, settings.engine)
+
+
+def step_times(engine: LLMEngine, batch: int, context: int, steps: int) -> list[float]:
+    runner, cache = engine.runner, engine.kv_cache
+    prompt = list(range(1000, 1000 + context))
+    with torch.inference_mode():
+        if hasattr(cache, "reserve"):  # the growing cache of the first release
+            cache.reserve(batch, context + steps)
+        runner.prefill(cache, [PrefillChunk(slot, prompt, 0) for slot in range(batch)])
+        times = []
+        for step in range(steps):
+            positions = [context + step] * batch
+            started = time.perf_counter()
+            logits = runner.decode(cache, [1000 + step] * batch, positions)
+            logits.argmax(dim=-1).tolist()
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config parameter of the default repository's smollm2")
+    args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set)
+    started = time.monotonic()
+    engine = load_engine(overrides)
+    runner = engine.runner
+    print(f"loaded in {time.monotonic() - started:.1f} s: {runner.architecture}, weights {runner.weight_bytes / 1e6:.1f} MB, "
+          f"KV reserved {engine.kv_cache.bytes_reserved / 1e6:.0f} MB", flush=True)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in args.batch:
+            times = step_times(engine, batch, args.context, args.steps)[5:]
+            median = statistics.median(times)
+            print(f"threads {threads} batch {batch:2d}: step {median * 1e3:6.1f} ms "
+                  f"(min {min(times) * 1e3:.1f}) = {batch / median:6.1f} tokens/s", flush=True)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    if args.profile:
+        torch.set_num_threads(args.threads[0])
+        step_times(engine, 1, args.context, 5)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step_times(engine, 1, args.context, 10)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
