@@ -70,4 +70,7 @@ def build(spec: DeploySpec) -> Application:
         max_ongoing_requests=100_000,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
     )
-    return front.bind(spec_to_dict(spec), handles, options)
+    # the front door is given the spec without its replica counts, so that scaling (a new
+    # num_replicas or autoscaling_config of the model deployments) leaves it running
+    unscaled = dataclasses.replace(spec, instances=1, autoscaling=None)
+    return front.bind(spec_to_dict(unscaled), handles, options)

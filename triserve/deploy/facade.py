@@ -34,6 +34,7 @@ logger = logging.getLogger("triserve")
 
 POLL_S = 0.5  # how often readiness, statistics and metrics are refreshed
 RETRY_S = 60.0  # how long a request whose replica died is retried on others
+FIGURES_TIMEOUT_S = 5.0  # a replica that does not report its statistics in time is skipped
 _REPLICA_GONE = (RayActorError, ActorUnavailableError)
 
 
@@ -109,14 +110,23 @@ class ClusterCore:
     # --- the snapshot ---------------------------------------------------------
 
     async def _poll(self) -> None:
+        """Replica states every ``POLL_S``; statistics and metrics in their own task, so a
+        model without a live replica (its calls wait for one) never holds readiness back."""
+        gathering: asyncio.Task | None = None
         while True:
             await asyncio.sleep(POLL_S)
             try:
-                await self._refresh()
-            except Exception:  # the controller restarting, a replica going away: next round
-                logger.debug("refreshing the cluster snapshot failed", exc_info=True)
+                await self._refresh_states()
+            except Exception:  # the controller restarting: next round
+                logger.debug("reading the replica states failed", exc_info=True)
+            if gathering is None or gathering.done():
+                gathering = asyncio.create_task(self._refresh_figures())
 
     async def _refresh(self) -> None:
+        await self._refresh_states()
+        await self._refresh_figures()
+
+    async def _refresh_states(self) -> None:
         status = await asyncio.to_thread(serve.status)
         app = status.applications.get(self.app_name)
         running = {}
@@ -125,10 +135,17 @@ class ClusterCore:
             states = deployment.replica_states if deployment is not None else {}
             running[name] = sum(count for state, count in states.items() if str(state).endswith("RUNNING"))
         self._running = running
-        names = [name for name in self._handles if running[name] > 0]
+
+    async def _refresh_figures(self) -> None:
+        """Statistics and metric families of one replica per model (each call bounded)."""
+        names = [name for name in self._handles if self._running.get(name, 0) > 0]
+
+        async def bounded(call):
+            return await asyncio.wait_for(call, FIGURES_TIMEOUT_S)
+
         results = await asyncio.gather(
-            *(self._handles[name].statistics.remote() for name in names),
-            *(self._handles[name].metric_families.remote() for name in names),
+            *(bounded(self._handles[name].statistics.remote()) for name in names),
+            *(bounded(self._handles[name].metric_families.remote()) for name in names),
             return_exceptions=True)
         families: dict[str, Any] = {}
         for name, stats in zip(names, results[:len(names)]):
