@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
+import triserve
 from triserve.deploy.frontdoor import FrontDoor
 from triserve.deploy.replica import ModelReplica
 from triserve.deploy.spec import Autoscaling, DeploySpec
@@ -47,11 +50,22 @@ class Ingress(FrontDoor):
         return self._spec
 
 
+def _version(spec: DeploySpec, deployment: str) -> str:
+    """A deployment's code version: what its replicas run (triserve, the spec but its replica
+    counts). Serve restarts replicas when it changes; with it unchanged, a new num_replicas or
+    autoscaling_config is applied in place. ``serve.run`` would otherwise pick a random
+    version each call (Serve removed the public ``version`` option; ``_internal`` keeps it)."""
+    unscaled = spec_to_dict(dataclasses.replace(spec, instances=1, autoscaling=None))
+    text = json.dumps([triserve.__version__, deployment, unscaled], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def build(spec: DeploySpec) -> Application:
     """The Serve application of ``spec``: a deployment per model, the front door as ingress."""
     handles = {}
     for model in spec.models:
         deployment = serve.deployment(ModelReplica, name=model).options(
+            version=_version(spec, model), _internal=True,
             ray_actor_options=spec.actor_options(),
             max_ongoing_requests=MAX_ONGOING_REQUESTS,
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
@@ -64,6 +78,7 @@ def build(spec: DeploySpec) -> Application:
                "http_port": spec.http_port, "grpc_port": spec.grpc_port,
                "metrics_port": spec.metrics_port, "chatglm_model": spec.chatglm_model}
     front = serve.deployment(Ingress, name="frontdoor").options(
+        version=_version(spec, "frontdoor"), _internal=True,
         num_replicas=1,
         # on the head node (the endpoint clients are given), reserving no CPU of the models'
         ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
