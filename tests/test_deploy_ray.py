@@ -357,7 +357,9 @@ def test_scale_down_and_up_on_the_live_deployment(cluster, predictor):
     TritonModel(NAME).scale(instances=2)
     _wait(lambda: all(_running(m) == 2 for m in predictor.models), 240, "scaled up to 2")
     assert _replicas("frontdoor")[0]["pid"] == frontdoor_pid, "scaling restarted the front door"
-    assert predictor.predict("again", model="chat_echo")[0].startswith("echo: again")
+    over_http = TritonModel(NAME).predictor("http")
+    assert over_http.url == predictor.http_url
+    assert over_http.predict("again", model="chat_echo")[0].startswith("echo: again")
 
 
 def test_cli_deploy_status_refuse_and_undeploy(cluster, predictor):

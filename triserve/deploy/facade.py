@@ -66,7 +66,9 @@ def _cause(exc: RayTaskError) -> BaseException:
     cause = exc.cause
     if isinstance(cause, InferError):
         return InferError(cause.code, cause.message)
-    return InferError.internal(f"the model replica failed: {type(cause).__name__}: {cause}")
+    # a bug in the replica: the details (which may name server paths) go to the log only
+    logger.error("a model replica failed unexpectedly: %s", exc)
+    return InferError.internal(f"the model replica failed unexpectedly ({type(cause).__name__})")
 
 
 class _Families:
