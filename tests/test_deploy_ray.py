@@ -83,7 +83,8 @@ def cluster():
 
         serve.shutdown()
         ray.shutdown()
-        ray_cluster.shutdown()
+        ray_cluster.shutdown()  # every process of both nodes, by the PIDs Ray recorded
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
 
 
 @pytest.fixture(scope="module")
@@ -149,17 +150,26 @@ def test_instances_are_replicas_spread_over_both_nodes(cluster, predictor):
 def test_nothing_listens_beyond_loopback_except_serve_replica_grpc(predictor):
     """Ray and triserve listen on 127.0.0.1; Serve's inter-replica gRPC server binds [::]:0
     unconditionally (ray/serve/_private/replica.py) -- the one exception Serve cannot avoid."""
-    listeners = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    ray_pids = {str(a["pid"]) for m in predictor.models for a in _replicas(m)}
-    ray_pids |= {str(a["pid"]) for a in _replicas("frontdoor")}
-    for line in listeners.splitlines():
-        local = line.split()[3]
-        if local.startswith(("127.", "[::1]", "[::ffff:127.")):
+    import psutil
+
+    ours = {actor["pid"] for model in (*predictor.models, "frontdoor") for actor in _replicas(model)}
+    loopback = set()
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None:
             continue
-        if "ray::" in line or "raylet" in line or "gcs_server" in line:
-            assert "ServeRepli" in line and local.startswith("*:"), f"Ray listens beyond loopback: {line}"
+        host = conn.laddr.ip
+        if host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") or host.startswith("::ffff:127."):
+            loopback.add(conn.laddr.port)
+            continue
+        try:
+            title = " ".join(psutil.Process(conn.pid).cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "ray" in title or "gcs_server" in title or conn.pid in ours:
+            assert conn.pid in ours and host in ("::", "0.0.0.0") and "ServeReplica" in title, (
+                f"Ray listens beyond loopback: {host}:{conn.laddr.port} {title[:120]}")
     for port in (predictor.http_port, predictor.grpc_port, predictor.metrics_port):
-        assert f"127.0.0.1:{port} " in listeners or f"127.0.0.1]:{port} " in listeners, port
+        assert port in loopback, port
 
 
 def test_seed_grpc_request_and_sdk_predict(predictor):
