@@ -234,6 +234,17 @@ def test_openai_stream_langchain_and_grpc_stream(predictor):
 
     assert TriserveLLM(url=predictor.predict_url, model="chat_echo").invoke("hey").startswith("echo: hey")
 
+    import requests
+
+    glm = requests.post(predictor.http_url + "/", json={"prompt": "Hi", "history": [], "max_length": 64,
+                                                         "temperature": 0.01}, timeout=120)
+    assert glm.status_code == 200 and glm.json()["response"] and glm.json()["history"][0][0] == "Hi"
+    generated = requests.post(f"{predictor.http_url}/v2/models/chat_echo/generate", timeout=60,
+                              json={"prompt": "g", "history": [], "temperature": "0.01",
+                                    "max_token": "8", "history_len": "0"})
+    assert generated.status_code == 200, generated.text
+    assert generated.json()["response"].startswith("echo: g")
+
     words = _grpc_stream(predictor, "one two three")
     assert words == ["one", "two", "three"]
 
@@ -274,6 +285,19 @@ def test_override_false_refuses_with_a_clear_error(predictor):
 
     with pytest.raises(DeployError, match="exists already.*override=True"):
         TritonModel(NAME).deploy(TESTS / "model_repository" / "chat_echo")
+
+
+def test_a_model_that_cannot_load_fails_the_deploy_with_its_error(cluster, predictor, tmp_path):
+    from triserve.deploy import DeployError, TritonModel, status
+
+    broken = tmp_path / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text('name: "broken"\nbackend: "nope"\n')
+    with pytest.raises(DeployError, match="backend 'nope' is not supported"):
+        TritonModel("broken").deploy(broken, cpu=0.25, http_port=free_port(), grpc_port=free_port(),
+                                     metrics_port=free_port(), timeout=300)
+    TritonModel("broken").undeploy()
+    assert "broken" not in status()
 
 
 def test_cut_stream_ends_with_error_readiness_follows_and_replica_returns(predictor):

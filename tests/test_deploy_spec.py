@@ -39,6 +39,18 @@ def test_resources_per_instance():
     assert spec.replicas() == {"num_replicas": 2}
 
 
+def test_autoscaling_replaces_instances():
+    from triserve.deploy.spec import Autoscaling
+
+    spec = DeploySpec(name="chat", repository=Path("/tmp"), models=("m",),
+                      autoscaling=Autoscaling(min_replicas=1, max_replicas=3, target_ongoing_requests=4))
+    config = spec.replicas()["autoscaling_config"]
+    assert (config["min_replicas"], config["max_replicas"], config["target_ongoing_requests"]) == (1, 3, 4)
+    with pytest.raises(DeployError, match="min_replicas <= max_replicas"):
+        DeploySpec(name="chat", repository=Path("/tmp"), models=("m",),
+                   autoscaling=Autoscaling(min_replicas=3, max_replicas=1))
+
+
 def test_sdk_refuses_bad_protocol_and_empty_path_before_reaching_ray(tmp_path):
     from triserve.deploy import TritonModel
 

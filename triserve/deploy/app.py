@@ -20,6 +20,7 @@ HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 # Requests one replica takes at once: more than the LLM engine's slots, so its batcher fills.
 MAX_ONGOING_REQUESTS = 64
+CONSTRUCTOR_RETRIES = 3
 
 
 def spec_to_dict(spec: DeploySpec) -> dict[str, Any]:
@@ -71,6 +72,8 @@ def build(spec: DeploySpec) -> Application:
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
             health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
             graceful_shutdown_timeout_s=10,
+            # a model that cannot load fails the deployment after a few tries, with its error
+            max_constructor_retry_count=CONSTRUCTOR_RETRIES,
             **spec.replicas(),
         )
         handles[model] = deployment.bind(str(spec.repository), model)

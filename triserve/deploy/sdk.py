@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -125,8 +126,6 @@ class TritonModel:
         cluster.connect(endpoint)
         from ray import serve
 
-        from triserve.deploy import app
-
         existing = _existing_spec(self.name)
         if existing is not None:
             if not override:
@@ -139,25 +138,23 @@ class TritonModel:
                 serve.delete(self.name)
         logger.info("deploying '%s': %d model(s) from %s, %s", self.name, len(models), repository,
                     f"autoscaling {spec.autoscaling}" if spec.autoscaling else f"{instances} instance(s) each")
-        serve.run(app.build(spec), name=self.name, route_prefix=None)
+        _run(spec)
         _wait_ready(self.name, timeout)
         return self.predictor(protocol)
 
     def scale(self, instances: int | None = None, autoscaling: Autoscaling | dict | None = None,
               endpoint: str | None = None) -> Predictor:
         """Change the replicas of every model of a live deployment, in place (no restart)."""
+        if instances is None and autoscaling is None:
+            raise DeployError("scale needs instances or autoscaling")
         cluster.connect(endpoint, start=False)
-        from ray import serve
-
-        from triserve.deploy import app
-
         spec = _existing_spec(self.name)
         if spec is None:
             raise DeployError(f"no deployment named '{self.name}'")
         if isinstance(autoscaling, dict):
             autoscaling = Autoscaling(**autoscaling)
-        spec = dataclasses.replace(spec, instances=instances or spec.instances, autoscaling=autoscaling)
-        serve.run(app.build(spec), name=self.name, route_prefix=None)
+        spec = dataclasses.replace(spec, instances=instances or 1, autoscaling=autoscaling)
+        _run(spec)
         return self.predictor()
 
     def predictor(self, protocol: str = "http", endpoint: str | None = None) -> Predictor:
@@ -179,6 +176,26 @@ class TritonModel:
 
     def status(self, endpoint: str | None = None) -> dict[str, Any]:
         return status(endpoint).get(self.name) or {"status": "NOT_DEPLOYED"}
+
+
+def _run(spec: DeploySpec) -> None:
+    """``serve.run`` the spec's application; a failure is a ``DeployError`` naming its cause."""
+    from ray import serve
+
+    from triserve.deploy import app
+
+    try:
+        serve.run(app.build(spec), name=spec.name, route_prefix=None)
+    except RuntimeError as exc:  # Serve's "Deploying application x failed: ..."
+        app_status = serve.status().applications.get(spec.name)
+        detail = _messages(app_status) if app_status is not None else ""
+        raise DeployError(f"deployment '{spec.name}' failed: {_load_error(detail) or exc}") from None
+
+
+def _load_error(text: str) -> str:
+    """The replica's own "model 'm' failed to load: ..." line out of Serve's traceback text."""
+    found = re.findall(r"model '[^']+' failed to load: [^\n]*", text)
+    return found[-1] if found else text.strip().splitlines()[-1] if text.strip() else ""
 
 
 def _client_host(host: str) -> str:
@@ -218,7 +235,8 @@ def _wait_ready(name: str, timeout: float) -> None:
     while True:
         app_status = serve.status().applications.get(name)
         if app_status is not None and str(app_status.status).endswith("DEPLOY_FAILED"):
-            raise DeployError(f"deployment '{name}' failed: {app_status.message or _messages(app_status)}")
+            raise DeployError(f"deployment '{name}' failed: "
+                              f"{_load_error(_messages(app_status)) or app_status.message}")
         if app_status is not None and str(app_status.status).endswith("RUNNING"):
             if handle.ready.remote().result(timeout_s=60):
                 return
