@@ -17,12 +17,15 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from triserve.deploy.spec import DeployError
 
 logger = logging.getLogger("triserve")
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+AUTH_ENV = "RAY_AUTH_MODE"
 NAMESPACE = "triserve"
 
 
@@ -52,10 +55,23 @@ def start_local_head(num_cpus: int | None = None) -> str:
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     logger.info("starting a local Ray cluster on 127.0.0.1:%d", port)
-    result = subprocess.run(cmd, env={**os.environ, LOOPBACK_ENV: "0"}, capture_output=True, text=True)
+    result = subprocess.run(cmd, env={**os.environ, LOOPBACK_ENV: "0", AUTH_ENV: "token"},
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise DeployError(f"could not start a local Ray cluster: {result.stderr.strip()[-2000:]}")
     return f"127.0.0.1:{port}"
+
+
+def _running_local_cluster() -> str | None:
+    """The address of the local cluster ``ray start`` recorded, if it answers."""
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        address = record.read_text().strip()
+        host, port = address.rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        return None
+    return address
 
 
 def connect(endpoint: str | None = None, start: bool = True) -> None:
@@ -63,24 +79,27 @@ def connect(endpoint: str | None = None, start: bool = True) -> None:
     ``start`` and there is none) and make sure Serve runs, its own proxies disabled."""
     if _is_loopback(endpoint):
         os.environ.setdefault(LOOPBACK_ENV, "0")
+    if endpoint is None:
+        # the local cluster triserve starts uses Ray's token authentication (the token in
+        # ~/.ray/auth_token, made on first use); every later command joins with it
+        os.environ.setdefault(AUTH_ENV, "token")
     import ray
     from ray import serve
 
     if not ray.is_initialized():
-        if endpoint is None:
-            try:
-                ray.init(address="auto", namespace=NAMESPACE, logging_level=logging.WARNING,
-                         log_to_driver=False)
-            except ConnectionError:
+        address = endpoint
+        if address is None:
+            # one ray.init only: a failed first attempt would leave this process unable to
+            # join the cluster started next (Ray reads its auth token on the first attempt)
+            address = _running_local_cluster()
+            if address is None:
                 if not start:
-                    raise DeployError("no local Ray cluster is running (nothing is deployed)") from None
-                ray.init(address=start_local_head(), namespace=NAMESPACE,
-                         logging_level=logging.WARNING, log_to_driver=False)
-        else:
-            try:
-                ray.init(address=endpoint, namespace=NAMESPACE, logging_level=logging.WARNING,
-                         log_to_driver=False)
-            except ConnectionError as exc:
-                raise DeployError(f"cannot reach the Ray cluster at {endpoint}: {exc}") from None
+                    raise DeployError("no local Ray cluster is running (nothing is deployed)")
+                address = start_local_head()
+        try:
+            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING,
+                     log_to_driver=False)
+        except ConnectionError as exc:
+            raise DeployError(f"cannot reach the Ray cluster at {address}: {exc}") from None
     # the front door serves HTTP and gRPC itself: Serve's proxies would only listen unused
     serve.start(proxy_location="Disabled")
