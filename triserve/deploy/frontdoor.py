@@ -41,8 +41,10 @@ class FrontDoor:
 
     def endpoints(self) -> dict[str, Any]:
         o = self._options
-        return {"host": o.host, "http_port": o.http_port, "grpc_port": o.grpc_port,
-                "metrics_port": o.metrics_port}
+        import ray
+
+        return {"host": o.host, "node_ip": ray.util.get_node_ip_address(), "http_port": o.http_port,
+                "grpc_port": o.grpc_port, "metrics_port": o.metrics_port}
 
     def ready(self) -> bool:
         return self._core.ready

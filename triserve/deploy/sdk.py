@@ -167,7 +167,7 @@ class TritonModel:
 
         views = serve.get_app_handle(self.name).endpoints.remote().result(timeout_s=60)
         chat_model = spec.chatglm_model or _first_chat_model(self.name, spec.models)
-        return Predictor(name=self.name, protocol=protocol, host=_client_host(views["host"]),
+        return Predictor(name=self.name, protocol=protocol, host=_client_host(views["host"], views.get("node_ip")),
                          http_port=views["http_port"], grpc_port=views["grpc_port"],
                          metrics_port=views["metrics_port"], models=spec.models, chat_model=chat_model)
 
@@ -198,8 +198,11 @@ def _load_error(text: str) -> str:
     return found[-1] if found else text.strip().splitlines()[-1] if text.strip() else ""
 
 
-def _client_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+def _client_host(host: str, node_ip: str | None) -> str:
+    """Where clients reach the front door: its address, or its node's when it listens on all."""
+    if host in ("0.0.0.0", "::", ""):
+        return node_ip or "127.0.0.1"
+    return host
 
 
 def _existing_spec(name: str) -> DeploySpec | None:
