@@ -143,7 +143,7 @@ class TritonModel:
         return self.predictor(protocol)
 
     def scale(self, instances: int | None = None, autoscaling: Autoscaling | dict | None = None,
-              endpoint: str | None = None) -> Predictor:
+              endpoint: str | None = None, timeout: float = 900) -> Predictor:
         """Change the replicas of every model of a live deployment, in place (no restart)."""
         if instances is None and autoscaling is None:
             raise DeployError("scale needs instances or autoscaling")
@@ -155,6 +155,7 @@ class TritonModel:
             autoscaling = Autoscaling(**autoscaling)
         spec = dataclasses.replace(spec, instances=instances or 1, autoscaling=autoscaling)
         _run(spec)
+        _wait_ready(self.name, timeout)
         return self.predictor()
 
     def predictor(self, protocol: str = "http", endpoint: str | None = None) -> Predictor:
@@ -179,17 +180,13 @@ class TritonModel:
 
 
 def _run(spec: DeploySpec) -> None:
-    """``serve.run`` the spec's application; a failure is a ``DeployError`` naming its cause."""
+    """Hand the spec's application to Serve without waiting (the callers wait, bounded)."""
     from ray import serve
 
     from triserve.deploy import app
 
-    try:
-        serve.run(app.build(spec), name=spec.name, route_prefix=None)
-    except RuntimeError as exc:  # Serve's "Deploying application x failed: ..."
-        app_status = serve.status().applications.get(spec.name)
-        detail = _messages(app_status) if app_status is not None else ""
-        raise DeployError(f"deployment '{spec.name}' failed: {_load_error(detail) or exc}") from None
+    serve.run_many([serve.RunTarget(app.build(spec), name=spec.name, route_prefix=None)],
+                   wait_for_applications_running=False)
 
 
 def _load_error(text: str) -> str:
@@ -244,7 +241,9 @@ def _wait_ready(name: str, timeout: float) -> None:
             if handle.ready.remote().result(timeout_s=60):
                 return
         if time.monotonic() > deadline:
-            raise DeployError(f"deployment '{name}' was not ready after {timeout:.0f} s")
+            detail = _messages(app_status) if app_status is not None else ""
+            raise DeployError(f"deployment '{name}' was not ready after {timeout:.0f} s"
+                              + (f": {detail}" if detail else ""))
         time.sleep(0.5)
 
 
