@@ -302,6 +302,18 @@ def test_a_model_that_cannot_load_fails_the_deploy_with_its_error(cluster, predi
 
 def test_cut_stream_ends_with_error_readiness_follows_and_replica_returns(predictor):
     killed = threading.Event()
+    readiness: list[tuple[bool, int]] = []  # (after the kill, HTTP status of the model's ready)
+    polling = threading.Event()
+
+    def poll_readiness():
+        ready_url = f"{predictor.http_url}/v2/models/slow_words/ready"
+        while not polling.is_set():
+            try:
+                with urllib.request.urlopen(ready_url, timeout=10) as page:
+                    readiness.append((killed.is_set(), page.status))
+            except urllib.error.HTTPError as exc:
+                readiness.append((killed.is_set(), exc.code))
+            time.sleep(0.05)
 
     def kill_all_slow_words(count):
         if count == 2 and not killed.is_set():
@@ -309,23 +321,21 @@ def test_cut_stream_ends_with_error_readiness_follows_and_replica_returns(predic
                 os.kill(actor["pid"], signal.SIGKILL)
             killed.set()
 
-    words = _grpc_stream(predictor, "a b c d e f g h i j k l m n o p", on_word=kill_all_slow_words)
-    assert words[:2] == ["a", "b"] and isinstance(words[-1], Exception)
-    assert "stream stopped" in str(words[-1]) and "send the request again" in str(words[-1])
-
-    ready_url = f"{predictor.http_url}/v2/models/slow_words/ready"
-    seen_not_ready = False
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(ready_url, timeout=10)
-            if seen_not_ready:
-                break
-        except urllib.error.HTTPError:
-            seen_not_ready = True
-        time.sleep(0.1)
-    assert seen_not_ready, "the model stayed ready with no live replica"
-    _wait(lambda: _running("slow_words") == 2, 120, "slow_words replicas back")
+    poller = threading.Thread(target=poll_readiness)
+    poller.start()
+    try:
+        words = _grpc_stream(predictor, "a b c d e f g h i j k l m n o p", on_word=kill_all_slow_words)
+        assert words[:2] == ["a", "b"] and isinstance(words[-1], Exception)
+        assert "stream stopped" in str(words[-1]) and "send the request again" in str(words[-1])
+        _wait(lambda: _running("slow_words") == 2 and len(_replicas("slow_words")) == 2, 120,
+              "slow_words replicas back")
+        _wait(lambda: readiness and readiness[-1] == (True, 200), 30, "slow_words ready again")
+    finally:
+        polling.set()
+        poller.join()
+    assert (False, 200) in readiness, "the model was not ready before the kill"
+    assert any(after and status != 200 for after, status in readiness), \
+        "the model stayed ready with no live replica"
     assert _grpc_stream(predictor, "back again") == ["back", "again"]
 
 

@@ -154,7 +154,7 @@ class TritonModel:
         if isinstance(autoscaling, dict):
             autoscaling = Autoscaling(**autoscaling)
         spec = dataclasses.replace(spec, instances=instances or 1, autoscaling=autoscaling)
-        _run(spec)
+        _run(spec, wait=False)  # a replica that cannot be placed must not hang the caller
         _wait_ready(self.name, timeout)
         return self.predictor()
 
@@ -179,14 +179,20 @@ class TritonModel:
         return status(endpoint).get(self.name) or {"status": "NOT_DEPLOYED"}
 
 
-def _run(spec: DeploySpec) -> None:
-    """Hand the spec's application to Serve without waiting (the callers wait, bounded)."""
+def _run(spec: DeploySpec, wait: bool = True) -> None:
+    """Hand the spec's application to Serve; ``wait``: until it runs (a failure is a
+    ``DeployError`` naming its cause), else the caller waits, bounded."""
     from ray import serve
 
     from triserve.deploy import app
 
-    serve.run_many([serve.RunTarget(app.build(spec), name=spec.name, route_prefix=None)],
-                   wait_for_applications_running=False)
+    target = serve.RunTarget(app.build(spec), name=spec.name, route_prefix=None)
+    try:
+        serve.run_many([target], wait_for_applications_running=wait)
+    except RuntimeError as exc:  # Serve's "Deploying application x failed: ..."
+        app_status = serve.status().applications.get(spec.name)
+        detail = _messages(app_status) if app_status is not None else ""
+        raise DeployError(f"deployment '{spec.name}' failed: {_load_error(detail) or exc}") from None
 
 
 def _load_error(text: str) -> str:
@@ -231,14 +237,13 @@ def _wait_ready(name: str, timeout: float) -> None:
     from ray import serve
 
     deadline = time.monotonic() + timeout
-    handle = serve.get_app_handle(name)
     while True:
         app_status = serve.status().applications.get(name)
         if app_status is not None and str(app_status.status).endswith("DEPLOY_FAILED"):
             raise DeployError(f"deployment '{name}' failed: "
                               f"{_load_error(_messages(app_status)) or app_status.message}")
         if app_status is not None and str(app_status.status).endswith("RUNNING"):
-            if handle.ready.remote().result(timeout_s=60):
+            if serve.get_app_handle(name).ready.remote().result(timeout_s=60):
                 return
         if time.monotonic() > deadline:
             detail = _messages(app_status) if app_status is not None else ""
