@@ -72,14 +72,14 @@ class Predictor:
             import tritonclient.grpc as client
             with client.InferenceServerClient(self.grpc_url) as triton:
                 result = triton.infer(model, self._inputs(client, values),
-                                      outputs=[client.InferRequestedOutput(n) for n in chat.CHAT_OUTPUTS],
+                                      outputs=[client.InferRequestedOutput(n) for n in (chat.RESPONSE, chat.HISTORY)],
                                       client_timeout=timeout)
         else:
             import tritonclient.http as client
             with client.InferenceServerClient(f"{self.host}:{self.http_port}",
                                               network_timeout=timeout) as triton:
                 result = triton.infer(model, self._inputs(client, values),
-                                      outputs=[client.InferRequestedOutput(n) for n in chat.CHAT_OUTPUTS])
+                                      outputs=[client.InferRequestedOutput(n) for n in (chat.RESPONSE, chat.HISTORY)])
         response = result.as_numpy(chat.RESPONSE).reshape(-1)[0].decode("utf-8")
         pairs = [item.decode("utf-8") for item in result.as_numpy(chat.HISTORY).reshape(-1)]
         return response, [pairs[i:i + 2] for i in range(0, len(pairs), 2)]
