@@ -33,4 +33,10 @@ if $test && ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; the
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+if $test; then
+  # the tests check KServe manifests against the kserve SDK's generated models only: its
+  # server dependencies (pandas, vllm pins, protobuf<7) are not wanted, so --no-deps
+  echo "[install] kserve (SDK models for the manifest test, --no-deps)"
+  "${PIP[@]}" --no-deps "kserve==0.21.0"
+fi
 echo "[install] done: $VENV/bin/triserve"

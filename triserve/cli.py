@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 import triserve
+from triserve.deploy.commands import COMMANDS as DEPLOY_COMMANDS
+from triserve.deploy.commands import add_commands as add_deploy_commands
 from triserve.options import (
     API_KEY_ENV, DEFAULT_REPOSITORY, MODEL_CONTROL_KEY_ENV, Access, Limits, ServerOptions, Tls,
 )
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and PNG plots.",
     )
     arguments.add_bench_arguments(bench)
+    add_deploy_commands(commands)
     return parser
 
 
@@ -263,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from triserve.tools import bench
 
         return bench.run(args)
+    if args.command in DEPLOY_COMMANDS:
+        from triserve.deploy.commands import run as run_command
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return run_command(args)
     options = _server_options(parser, args)
     setup_logging(options.log_verbose)
     # imported here, so that --help and usage errors skip importing the frontends

@@ -21,10 +21,12 @@ import signal
 import socket
 import ssl
 from collections.abc import Iterator
+from typing import Any, Callable
 
 import uvicorn
 
 import triserve
+from triserve.core.api import Core
 from triserve.core.backend import Lifecycle
 from triserve.core.server import InferenceServer
 from triserve.frontends.auth import Gate
@@ -108,6 +110,45 @@ def _freeze_startup_objects(_: asyncio.Task) -> None:
     gc.freeze()
 
 
+class Frontends:
+    """HTTP, gRPC and /metrics over any :class:`triserve.core.api.Core`.
+
+    ``triserve serve`` runs them over the in-process core; a cluster deployment's front
+    door (``triserve.deploy``) runs the same frontends over its Ray Serve facade.
+    """
+
+    def __init__(self, core: Core, options: ServerOptions,
+                 metrics_registry: Callable[[], Any] | None = None):
+        self.options = options
+        self.grpc_address = f"{options.host}:{options.grpc_port}"
+        self._http = _uvicorn(create_app(core, options), options, options.http_port,
+                              options.log_verbose > 0)
+        metrics_app = create_metrics_app(*([metrics_registry] if metrics_registry else []))
+        # the middleware passes everything when no key is set
+        self._metrics = _uvicorn(AuthMiddleware(metrics_app, Gate(options.access)), options,
+                                 options.metrics_port, False)
+        # Bound up front, so a taken port is one clear error before any model loads.
+        self._http_listener = _listen(options.host, options.http_port, "HTTP")
+        self._metrics_listener = _listen(options.host, options.metrics_port, "metrics")
+        try:
+            self._grpc = create_grpc_server(core, self.grpc_address, options.limits, options.access,
+                                            options.tls)
+        except RuntimeError as exc:  # grpc.aio raises RuntimeError when it cannot bind
+            raise StartupError(f"cannot listen for gRPC on {self.grpc_address}: {exc}") from None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        await self._grpc.start()
+        self._tasks = [await _start_uvicorn(self._http, self._http_listener),
+                       await _start_uvicorn(self._metrics, self._metrics_listener)]
+
+    async def stop(self) -> None:
+        """Stop accepting; running requests get ``GRACEFUL_SHUTDOWN_S`` to finish."""
+        self._http.should_exit = self._metrics.should_exit = True
+        await asyncio.gather(*self._tasks, self._grpc.stop(GRACEFUL_SHUTDOWN_S),
+                             return_exceptions=True)
+
+
 async def serve(options: ServerOptions) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully."""
     lifecycle = Lifecycle(
@@ -117,16 +158,7 @@ async def serve(options: ServerOptions) -> None:
     core = InferenceServer(options.model_repository, options.model_control_mode, options.load_models,
                            drain_timeout=options.drain_timeout, strict_readiness=options.strict_readiness,
                            lifecycle=lifecycle, allowed_roots=options.allowed_model_roots)
-    http = _uvicorn(create_app(core, options), options, options.http_port, options.log_verbose > 0)
-    metrics = _uvicorn(AuthMiddleware(create_metrics_app(), Gate(options.access)), options,
-                       options.metrics_port, False)  # the middleware passes everything when no key is set
-    http_listener = _listen(options.host, options.http_port, "HTTP")
-    metrics_listener = _listen(options.host, options.metrics_port, "metrics")
-    grpc_address = f"{options.host}:{options.grpc_port}"
-    try:
-        grpc_server = create_grpc_server(core, grpc_address, options.limits, options.access, options.tls)
-    except RuntimeError as exc:  # grpc.aio raises RuntimeError when it cannot bind
-        raise StartupError(f"cannot listen for gRPC on {grpc_address}: {exc}") from None
+    frontends = Frontends(core, options)
 
     stop = asyncio.Event()
     hurry = asyncio.Event()  # a second signal: end the drain now
@@ -140,12 +172,10 @@ async def serve(options: ServerOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
 
-    await grpc_server.start()
-    http_task = await _start_uvicorn(http, http_listener)
-    metrics_task = await _start_uvicorn(metrics, metrics_listener)
+    await frontends.start()
     logger.info("triserve %s: HTTP%s on %s:%d, gRPC on %s, metrics on %s:%d/metrics; "
                 "model repository %s; %s", triserve.__version__, "S" if options.tls.enabled else "",
-                options.host, options.http_port, grpc_address, options.host, options.metrics_port,
+                options.host, options.http_port, frontends.grpc_address, options.host, options.metrics_port,
                 options.model_repository, _access_summary(options))
 
     def stop_if_loading_failed(task: asyncio.Task) -> None:
@@ -174,9 +204,7 @@ async def serve(options: ServerOptions) -> None:
             await asyncio.gather(drain, return_exceptions=True)
             await core.drain(0)
         hurried.cancel()
-    http.should_exit = metrics.should_exit = True
-    await asyncio.gather(http_task, metrics_task, grpc_server.stop(GRACEFUL_SHUTDOWN_S),
-                         return_exceptions=True)
+    await frontends.stop()
     await core.stop()
     logger.info("triserve stopped")
     if loading.done() and not loading.cancelled() and loading.exception() is not None:

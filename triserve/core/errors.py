@@ -48,6 +48,10 @@ class InferError(Exception):
     def __repr__(self) -> str:
         return f"InferError({self.code.name}, {self.message!r})"
 
+    def __reduce__(self):
+        # pickled whole (code and message) when it crosses a process, e.g. from a Ray replica
+        return (type(self), (self.code, self.message))
+
     @classmethod
     def invalid(cls, message: str) -> "InferError":
         return cls(ErrorCode.INVALID_ARGUMENT, message)

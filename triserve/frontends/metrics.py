@@ -10,6 +10,8 @@ here; every other family (the LLM engine's, for example) goes through
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -46,7 +48,7 @@ def _bare_counter(metric: Metric) -> str:
     return "\n".join(lines) + "\n"
 
 
-def exposition(registry: CollectorRegistry) -> bytes:
+def exposition(registry: CollectorRegistry | Any) -> bytes:
     """The registry in Prometheus text format, Triton's counter names kept as they are."""
     parts = []
     for metric in registry.collect():
@@ -57,9 +59,11 @@ def exposition(registry: CollectorRegistry) -> bytes:
     return b"".join(parts)
 
 
-async def _metrics(request: Request) -> Response:
-    return Response(exposition(metrics_registry()), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+def create_metrics_app(registry: Callable[[], Any] = metrics_registry) -> Starlette:
+    """``GET /metrics``: ``registry()`` (anything with ``collect()``; by default this
+    process's registry) in Prometheus text format."""
 
+    async def metrics(request: Request) -> Response:
+        return Response(exposition(registry()), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
-def create_metrics_app() -> Starlette:
-    return Starlette(routes=[Route("/metrics", _metrics, methods=["GET"])])
+    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])

@@ -27,7 +27,7 @@ from triserve.frontends.grpc.auth import AuthInterceptor
 from triserve.options import Access, Limits, Tls
 
 if TYPE_CHECKING:
-    from triserve.core.server import InferenceServer
+    from triserve.core.api import Core
 
 logger = logging.getLogger("triserve.grpc")
 
@@ -67,7 +67,7 @@ Context = grpc.aio.ServicerContext
 Handler = Callable[[Any, Any, Context], Awaitable[Any]]
 
 
-def create_grpc_server(core: InferenceServer, address: str, limits: Limits = Limits(),
+def create_grpc_server(core: Core, address: str, limits: Limits = Limits(),
                        access: Access = Access(), tls: Tls = Tls()) -> grpc.aio.Server:
     """A gRPC server bound to ``address`` ("host:port"), not started yet.
 
@@ -124,7 +124,7 @@ def is_bare_final_flag(response: InferResponse) -> bool:
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over the core."""
 
-    def __init__(self, core: InferenceServer, limits: Limits = Limits()):
+    def __init__(self, core: Core, limits: Limits = Limits()):
         self.core = core
         self.limits = limits
 
@@ -375,7 +375,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     SERVICES = ("", SERVICE_NAME)
     WATCH_POLL_SECONDS = 0.5
 
-    def __init__(self, core: InferenceServer):
+    def __init__(self, core: Core):
         self.core = core
 
     def _status(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:

@@ -32,7 +32,7 @@ from triserve.frontends.http.limits import BodyLimitMiddleware
 from triserve.options import Access, Limits
 
 if TYPE_CHECKING:
-    from triserve.core.server import InferenceServer
+    from triserve.core.api import Core
 
 _JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 _HEADER_LENGTH = binary.HEADER.lower().encode()
@@ -49,7 +49,7 @@ class HttpOptions(Protocol):
 class TriserveApp(Starlette):
     """The Starlette app, with KServe's ``POST .../infer`` answered before Starlette sees it."""
 
-    def __init__(self, core: InferenceServer, limits: Limits, access: Access, **starlette_options):
+    def __init__(self, core: Core, limits: Limits, access: Access, **starlette_options):
         super().__init__(**starlette_options)
         self._core = core
         self._limits = limits
@@ -113,7 +113,7 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(core: InferenceServer, options: HttpOptions) -> Starlette:
+def create_app(core: Core, options: HttpOptions) -> Starlette:
     routes = [
         *kserve.routes(core, options.limits.max_tensor_elements),
         *generate.routes(core, options.limits.max_tensor_elements),

@@ -24,8 +24,8 @@ from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.jsonio import JSONResponse
 
 if TYPE_CHECKING:
-    from triserve.core.model import ModelVersion
-    from triserve.core.server import InferenceServer
+    from triserve.core.api import ModelView
+    from triserve.core.api import Core
 
 # api.py's request field -> chat contract input.
 _FIELD_TO_INPUT = {"max_length": "max_token", "top_p": "top_p", "temperature": "temperature"}
@@ -39,7 +39,7 @@ _EXTRA_INPUTS = frozenset(
 )
 
 
-def find_chat_model(core: InferenceServer, name: str | None) -> ModelVersion:
+def find_chat_model(core: Core, name: str | None) -> ModelView:
     """The named model, which must be a chat model; without a name, the first ready one."""
     if name:
         model = core.get_model(name)
@@ -122,7 +122,7 @@ def _history_pairs(history: Any) -> list[list[str]]:
     return history
 
 
-def routes(core: InferenceServer, model_name: str | None) -> list[BaseRoute]:
+def routes(core: Core, model_name: str | None) -> list[BaseRoute]:
     """``POST /`` on ``model_name``, or on the first ready chat model when it is None."""
 
     async def chat(request: Request) -> Response:

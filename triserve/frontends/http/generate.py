@@ -23,7 +23,7 @@ from triserve.frontends.http.errors import error_body, error_response
 from triserve.frontends.http.jsonio import JSONResponse
 
 if TYPE_CHECKING:
-    from triserve.core.server import InferenceServer
+    from triserve.core.api import Core
 
 _PARAMETER_TYPES = (str, int, float, bool)
 
@@ -96,7 +96,7 @@ async def _events(first: InferResponse, responses: AsyncIterator[InferResponse])
         await sse.closing(responses)
 
 
-def routes(core: InferenceServer, max_elements: int | None = None) -> list[BaseRoute]:
+def routes(core: Core, max_elements: int | None = None) -> list[BaseRoute]:
     async def decode(request: Request, streaming: bool = False) -> InferRequest:
         model = core.get_model(request.path_params["model"], request.path_params.get("version", ""))
         document = jsonio.loads_object(await request.body())

@@ -22,7 +22,7 @@ from triserve.frontends.http.errors import error_body
 from triserve.frontends.http.jsonio import JSONResponse
 
 if TYPE_CHECKING:
-    from triserve.core.server import InferenceServer
+    from triserve.core.api import Core
 
 _REQUEST_FIELDS = frozenset({"id", "parameters", "inputs", "outputs"})
 _INPUT_FIELDS = frozenset({"name", "shape", "datatype", "parameters", "data"})
@@ -110,7 +110,7 @@ def encode_infer_response(
 
 
 async def infer(
-    core: InferenceServer, model: str, version: str, body: bytes,
+    core: Core, model: str, version: str, body: bytes,
     header_length: str | None, max_elements: int | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """``POST .../infer`` without a web framework: raw body and headers in, response bytes out.
@@ -192,7 +192,7 @@ def _flag(value: Any, what: str) -> bool:
     return value
 
 
-def routes(core: InferenceServer, max_elements: int | None = None) -> list[BaseRoute]:
+def routes(core: Core, max_elements: int | None = None) -> list[BaseRoute]:
     def model_version(request: Request) -> tuple[str, str]:
         return request.path_params["model"], request.path_params.get("version", "")
 

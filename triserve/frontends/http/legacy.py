@@ -29,7 +29,7 @@ from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.jsonio import JSONResponse
 
 if TYPE_CHECKING:
-    from triserve.core.server import InferenceServer
+    from triserve.core.api import Core
 
 # The service is MultiBackendService; the seed's article spells it "Mutil".
 SERVICE_NAMES = ("MultiBackendService", "MutilBackendService")
@@ -94,7 +94,7 @@ def predict_document(response: service_pb2.ModelInferResponse) -> dict[str, Any]
     return document
 
 
-def routes(core: InferenceServer, max_elements: int | None = None) -> list[BaseRoute]:
+def routes(core: Core, max_elements: int | None = None) -> list[BaseRoute]:
     async def predict(request: Request) -> Response:
         proto = parse_predict_request(await request.body())
         infer_request = kserve_proto.request_from_proto(proto, max_elements)

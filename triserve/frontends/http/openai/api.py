@@ -23,7 +23,7 @@ from triserve.frontends.http.openai.serving_chat import ChatCompletions
 from triserve.frontends.http.openai.serving_completion import Completions
 
 if TYPE_CHECKING:
-    from triserve.core.server import InferenceServer
+    from triserve.core.api import Core
 
 
 def model_card(name: str) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def model_card(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "triserve"}
 
 
-def routes(core: InferenceServer) -> list[BaseRoute]:
+def routes(core: Core) -> list[BaseRoute]:
     """The OpenAI-compatible routes, for the HTTP app to mount."""
 
     async def list_models(request: Request) -> Response:

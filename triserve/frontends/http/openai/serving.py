@@ -35,7 +35,7 @@ from triserve.frontends.http.openai.protocol import (
 )
 
 if TYPE_CHECKING:
-    from triserve.core.server import InferenceServer
+    from triserve.core.api import Core
 
 
 def error_response(error: InferError) -> JSONResponse:
@@ -49,7 +49,7 @@ def parse_body(model: type[SamplingRequest], body: bytes) -> Any:
         raise field_error(exc) from None
 
 
-def model_metadata(core: InferenceServer, name: str) -> dict[str, Any]:
+def model_metadata(core: Core, name: str) -> dict[str, Any]:
     """A chat model's metadata; any other name is OpenAI's 404 ``model_not_found``."""
     try:
         metadata = core.get_model(name).metadata()
@@ -219,7 +219,7 @@ class Endpoint(ABC):
     chunk_object_name = ""
     id_prefix = ""
 
-    def __init__(self, core: InferenceServer):
+    def __init__(self, core: Core):
         self.core = core
 
     @abstractmethod

@@ -1,0 +1,448 @@
+"""``triserve.deploy`` on a real local Ray cluster: two nodes on this machine, loopback only.
+
+One cluster and one deployment serve the whole module (starting them is most of the
+time): a repository with a Python-backend chat model (``chat_echo``), a slow streaming
+Python model, and the default LLM chat model, two instances each, spread over the two
+nodes. Every client the seed and triserve's users rely on talks to the front door;
+then replicas and a node are killed under load, the deployment is scaled, and undeploy
+is checked to leave no actor behind. Teardown stops every Ray process by PID
+(``ray.cluster_utils.Cluster`` started them and knows them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serverproc import free_port
+from test_legacy_predict import SEED_HISTORY, chat as seed_predict
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+NAME = "demo"
+SLOW_WORDS = '''
+import time
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            words = pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy()[0].decode().split()
+            for word in words:
+                time.sleep(0.2)
+                sender.send(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("word", np.array([word], dtype=np.object_))]))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+'''
+
+
+def _slow_words(repository: Path) -> None:
+    folder = repository / "slow_words"
+    (folder / "1").mkdir(parents=True)
+    config = (TESTS / "model_repository" / "stream_words" / "config.pbtxt").read_text()
+    (folder / "config.pbtxt").write_text(config.replace('"stream_words"', '"slow_words"'))
+    (folder / "1" / "model.py").write_text(textwrap.dedent(SLOW_WORDS))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a worker node, every Ray process on 127.0.0.1; this process is the driver."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when ray is first imported
+    from ray.cluster_utils import Cluster
+
+    node = dict(num_cpus=4, node_ip_address="127.0.0.1")
+    # the head's dashboard answers Ray's state API (ray.util.state), on 127.0.0.1
+    ray_cluster = Cluster(initialize_head=True, head_node_args=dict(
+        node, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port()))
+    worker = ray_cluster.add_node(**node, include_dashboard=False)
+    from triserve.deploy import cluster as deploy_cluster
+
+    deploy_cluster.connect(ray_cluster.address)
+    try:
+        yield ray_cluster, worker
+    finally:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        ray_cluster.shutdown()  # every process of both nodes, by the PIDs Ray recorded
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+
+
+@pytest.fixture(scope="module")
+def predictor(cluster, tmp_path_factory):
+    from triserve.deploy import TritonModel
+
+    repository = tmp_path_factory.mktemp("deploy_repo")
+    (repository / "chat_echo").symlink_to(TESTS / "model_repository" / "chat_echo")
+    (repository / "smollm2").symlink_to(ROOT / "triserve" / "model_repository" / "smollm2")
+    _slow_words(repository)
+    return TritonModel(NAME).deploy(
+        repository, protocol="grpc", endpoint=cluster[0].address, cpu=0.5, memory=0.25,
+        instances=2, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        chatglm_model="smollm2")
+
+
+def _echo_inputs(client_module, prompt: str) -> list:
+    """chat_echo's five BYTES inputs, built with a tritonclient module (http or grpc)."""
+    inputs = []
+    for name, values in (("prompt", [prompt]), ("history", []), ("temperature", ["0.01"]),
+                         ("max_token", ["64"]), ("history_len", ["0"])):
+        tensor = client_module.InferInput(name, [len(values)], "BYTES")
+        tensor.set_data_from_numpy(np.array([v.encode() for v in values], dtype=np.object_))
+        inputs.append(tensor)
+    return inputs
+
+
+def _replicas(model: str, app: str = NAME) -> list[dict]:
+    from ray.util.state import list_actors
+
+    return [actor for actor in list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{model}"),
+                                                    ("state", "=", "ALIVE")], limit=1000)]
+
+
+def _running(model: str) -> int:
+    from triserve.deploy import TritonModel
+
+    return TritonModel(NAME).status()["models"].get(model, {}).get("replicas", {}).get("RUNNING", 0)
+
+
+def _wait(predicate, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not after {timeout:.0f} s")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def test_instances_are_replicas_spread_over_both_nodes(cluster, predictor):
+    assert predictor.models == ("chat_echo", "slow_words", "smollm2")
+    for model in predictor.models:
+        replicas = _replicas(model)
+        assert len(replicas) == 2, model
+        assert len({actor["node_id"] for actor in replicas}) == 2, f"{model}: both replicas on one node"
+    state = predictor.status() if hasattr(predictor, "status") else None
+    assert state is None
+    from triserve.deploy import status
+
+    assert status()[NAME]["models"]["chat_echo"]["replicas"] == {"RUNNING": 2}
+
+
+def test_nothing_listens_beyond_loopback_except_serve_replica_grpc(predictor):
+    """Ray and triserve listen on 127.0.0.1; Serve's inter-replica gRPC server binds [::]:0
+    unconditionally (ray/serve/_private/replica.py) -- the one exception Serve cannot avoid."""
+    import psutil
+
+    ours = {actor["pid"] for model in (*predictor.models, "frontdoor") for actor in _replicas(model)}
+    loopback = set()
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None:
+            continue
+        host = conn.laddr.ip
+        if host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") or host.startswith("::ffff:127."):
+            loopback.add(conn.laddr.port)
+            continue
+        try:
+            title = " ".join(psutil.Process(conn.pid).cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "ray" in title or "gcs_server" in title or conn.pid in ours:
+            assert conn.pid in ours and host in ("::", "0.0.0.0") and "ServeReplica" in title, (
+                f"Ray listens beyond loopback: {host}:{conn.laddr.port} {title[:120]}")
+    for port in (predictor.http_port, predictor.grpc_port, predictor.metrics_port):
+        assert port in loopback, port
+
+
+def test_seed_grpc_request_and_sdk_predict(predictor):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    request = service_pb2.ModelInferRequest(model_name="chat_echo")
+    history = ["你知道鸡兔同笼问题么", "鸡兔同笼问题是一个经典的数学问题。"]
+    for name, shape, values in (("prompt", [1], ["请给出一个具体示例"]), ("history", [-1], history),
+                                ("temperature", [1], ["0.01"]), ("max_token", [1], ["16000"]),
+                                ("history_len", [1], ["10"])):
+        tensor = service_pb2.ModelInferRequest().InferInputTensor(name=name, datatype="BYTES", shape=shape)
+        tensor.contents.bytes_contents.extend(value.encode("utf8") for value in values)
+        request.inputs.extend([tensor])
+    request.outputs.extend([service_pb2.ModelInferRequest().InferRequestedOutputTensor(name=n)
+                            for n in ("response", "history")])
+    with grpc.insecure_channel(predictor.grpc_url) as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    reply = deserialize_bytes_tensor(response.raw_output_contents[0])[0].decode()
+    assert reply == "echo: 请给出一个具体示例 (temperature=0.01, max_token=16000)"
+    assert list(response.outputs[1].shape) == [2, 2]
+
+    assert predictor.protocol == "grpc" and predictor.url == predictor.grpc_url
+    answer, new_history = predictor.predict("hi", history=[["q", "a"]], temperature=0.5,
+                                            max_token=64, model="chat_echo")
+    assert answer == "echo: hi (temperature=0.5, max_token=64)"
+    assert new_history == [["q", "a"], ["hi", answer]]
+
+
+def test_seed_http_predict_and_tritonclient_http(predictor):
+    reply, history = seed_predict(predictor.predict_url, "chat_echo", "你好", SEED_HISTORY)
+    assert reply == "echo: 你好 (temperature=0.01, max_token=32000)"
+    assert history == SEED_HISTORY + [["你好", reply]]
+
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(f"127.0.0.1:{predictor.http_port}") as client:
+        assert client.is_server_ready() and client.is_model_ready("chat_echo")
+        assert [i["name"] for i in client.get_model_metadata("chat_echo")["inputs"]][:2] == ["prompt", "history"]
+        result = client.infer("chat_echo", _echo_inputs(httpclient, "x"))
+        assert result.as_numpy("response").reshape(-1)[0].decode().startswith("echo: x")
+        with pytest.raises(Exception, match="unknown model 'nope'"):
+            client.infer("nope", _echo_inputs(httpclient, "x"))
+        with pytest.raises(Exception, match="missing required input"):
+            client.infer("chat_echo", _echo_inputs(httpclient, "x")[:1])
+        stats = client.get_inference_statistics("chat_echo")["model_stats"]
+        assert stats and stats[0]["name"] == "chat_echo"
+
+
+def test_openai_stream_langchain_and_grpc_stream(predictor):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=predictor.openai_url, api_key="none")
+    chunks = list(client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8,
+        temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    from triserve.langchain import TriserveLLM
+
+    assert TriserveLLM(url=predictor.predict_url, model="chat_echo").invoke("hey").startswith("echo: hey")
+
+    import requests
+
+    glm = requests.post(predictor.http_url + "/", json={"prompt": "Hi", "history": [], "max_length": 64,
+                                                         "temperature": 0.01}, timeout=120)
+    assert glm.status_code == 200 and glm.json()["response"] and glm.json()["history"][0][0] == "Hi"
+    generated = requests.post(f"{predictor.http_url}/v2/models/chat_echo/generate", timeout=60,
+                              json={"prompt": "g", "history": [], "temperature": "0.01",
+                                    "max_token": "8", "history_len": "0"})
+    assert generated.status_code == 200, generated.text
+    assert generated.json()["response"].startswith("echo: g")
+
+    words = _grpc_stream(predictor, "one two three")
+    assert words == ["one", "two", "three"]
+
+    with urllib.request.urlopen(predictor.metrics_url, timeout=30) as page:
+        metrics = page.read().decode()
+    assert 'nv_inference_request_success{model="chat_echo"' in metrics
+
+
+def _grpc_stream(predictor, prompt: str, on_word=None) -> list:
+    """Words of slow_words through gRPC ModelStreamInfer; an error ends the list as an exception."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    results: queue.Queue = queue.Queue()
+    out: list = []
+    with grpcclient.InferenceServerClient(predictor.grpc_url) as client:
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        tensor = grpcclient.InferInput("prompt", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+        client.async_stream_infer("slow_words", [tensor], enable_empty_final_response=True)
+        while True:
+            result, error = results.get(timeout=120)
+            if error is not None:
+                out.append(error)
+                break
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+            out.append(result.as_numpy("word")[0].decode())
+            if on_word:
+                on_word(len(out))
+        client.stop_stream()
+    return out
+
+
+def test_override_false_refuses_with_a_clear_error(predictor):
+    from triserve.deploy import DeployError, TritonModel
+
+    with pytest.raises(DeployError, match="exists already.*override=True"):
+        TritonModel(NAME).deploy(TESTS / "model_repository" / "chat_echo")
+
+
+def test_a_model_that_cannot_load_fails_the_deploy_with_its_error(cluster, predictor, tmp_path):
+    from triserve.deploy import DeployError, TritonModel, status
+
+    broken = tmp_path / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text('name: "broken"\nbackend: "nope"\n')
+    with pytest.raises(DeployError, match="backend 'nope' is not supported"):
+        TritonModel("broken").deploy(broken, cpu=0.25, http_port=free_port(), grpc_port=free_port(),
+                                     metrics_port=free_port(), timeout=300)
+    TritonModel("broken").undeploy()
+    assert "broken" not in status()
+
+
+def test_cut_stream_ends_with_error_readiness_follows_and_replica_returns(predictor):
+    killed = threading.Event()
+    readiness: list[tuple[bool, int]] = []  # (after the kill, HTTP status of the model's ready)
+    polling = threading.Event()
+
+    def poll_readiness():
+        ready_url = f"{predictor.http_url}/v2/models/slow_words/ready"
+        while not polling.is_set():
+            try:
+                with urllib.request.urlopen(ready_url, timeout=10) as page:
+                    readiness.append((killed.is_set(), page.status))
+            except urllib.error.HTTPError as exc:
+                readiness.append((killed.is_set(), exc.code))
+            time.sleep(0.05)
+
+    def kill_all_slow_words(count):
+        if count == 2 and not killed.is_set():
+            for actor in _replicas("slow_words"):
+                os.kill(actor["pid"], signal.SIGKILL)
+            killed.set()
+
+    poller = threading.Thread(target=poll_readiness)
+    poller.start()
+    try:
+        words = _grpc_stream(predictor, "a b c d e f g h i j k l m n o p", on_word=kill_all_slow_words)
+        assert words[:2] == ["a", "b"] and isinstance(words[-1], Exception)
+        assert "stream stopped" in str(words[-1]) and "send the request again" in str(words[-1])
+        _wait(lambda: _running("slow_words") == 2 and len(_replicas("slow_words")) == 2, 120,
+              "slow_words replicas back")
+        _wait(lambda: readiness and readiness[-1] == (True, 200), 30, "slow_words ready again")
+    finally:
+        polling.set()
+        poller.join()
+    assert (False, 200) in readiness, "the model was not ready before the kill"
+    assert any(after and status != 200 for after, status in readiness), \
+        "the model stayed ready with no live replica"
+    assert _grpc_stream(predictor, "back again") == ["back", "again"]
+
+
+def test_node_death_under_steady_unary_load_loses_no_request(cluster, predictor, capsys):
+    import tritonclient.http as httpclient
+
+    ray_cluster, worker = cluster
+    records: list[tuple[float, float, str | None]] = []
+    stop = threading.Event()
+
+    def load():
+        with httpclient.InferenceServerClient(f"127.0.0.1:{predictor.http_port}",
+                                              network_timeout=120) as client:
+            inputs = _echo_inputs(httpclient, "load")
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    client.infer("chat_echo", inputs)
+                    error = None
+                except Exception as exc:  # counted, and the test fails on any
+                    error = str(exc)
+                records.append((started, time.monotonic() - started, error))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(3)
+        before_pids = {actor["pid"] for actor in _replicas("chat_echo")}
+        killed_at = time.monotonic()
+        ray_cluster.remove_node(worker, allow_graceful=False)  # raylet and every worker on it
+        back_after = _wait(lambda: len(_replicas("chat_echo")) == 2 and _running("chat_echo") == 2
+                           and {a["pid"] for a in _replicas("chat_echo")} != before_pids,
+                           180, "a new chat_echo replica running")
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    failures = [error for _, _, error in records if error]
+    before = sorted(latency for started, latency, _ in records if started < killed_at)
+    after = [latency for started, latency, _ in records if killed_at <= started < killed_at + back_after]
+    figures = {"requests": len(records), "failed": len(failures),
+               "p50_before_ms": round(1000 * before[len(before) // 2], 1),
+               "max_after_kill_ms": round(1000 * max(after), 1) if after else None,
+               "replica_back_s": round(back_after, 1)}
+    with capsys.disabled():
+        print(f"\n[deploy] node killed under load: {json.dumps(figures)}")
+    assert not failures, failures[:3]
+    assert len(records) > 20
+
+
+def test_scale_down_and_up_on_the_live_deployment(cluster, predictor):
+    from triserve.deploy import TritonModel
+
+    # the head alone has the CPUs for every replica (the worker node was killed above)
+    frontdoor_pid = _replicas("frontdoor")[0]["pid"]
+    TritonModel(NAME).scale(instances=1, timeout=240)
+    _wait(lambda: all(_running(m) == 1 and len(_replicas(m)) == 1 for m in predictor.models), 120,
+          "scaled down to 1")
+    assert predictor.predict("still", model="chat_echo")[0].startswith("echo: still")
+    TritonModel(NAME).scale(instances=2, timeout=240)
+    _wait(lambda: all(_running(m) == 2 for m in predictor.models), 240, "scaled up to 2")
+    assert _replicas("frontdoor")[0]["pid"] == frontdoor_pid, "scaling restarted the front door"
+    over_http = TritonModel(NAME).predictor("http")
+    assert over_http.url == predictor.http_url
+    assert over_http.predict("again", model="chat_echo")[0].startswith("echo: again")
+
+
+def test_cli_deploy_status_refuse_and_undeploy(cluster, predictor):
+    address = cluster[0].address
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def triserve(*args, check=True):
+        result = subprocess.run([sys.executable, "-m", "triserve", *args, "--endpoint", address],
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert not check or result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    http_port = free_port()
+    deployed = triserve("deploy", str(TESTS / "model_repository" / "chat_echo"), "--name", "cli-echo",
+                        "--cpu", "0.25", "--http-port", str(http_port), "--grpc-port", str(free_port()),
+                        "--metrics-port", str(free_port()))
+    endpoints = json.loads(deployed.stdout)
+    assert endpoints["http"] == f"http://127.0.0.1:{http_port}" and endpoints["chat_model"] == "chat_echo"
+    with urllib.request.urlopen(f"{endpoints['http']}/v2/health/ready", timeout=30) as page:
+        assert page.status == 200
+    state = json.loads(triserve("status", "cli-echo").stdout)
+    assert state["cli-echo"]["models"]["chat_echo"]["replicas"] == {"RUNNING": 1}
+    again = triserve("deploy", str(TESTS / "model_repository" / "chat_echo"), "--name", "cli-echo",
+                     check=False)
+    assert again.returncode == 1 and "exists already" in again.stderr
+    triserve("undeploy", "cli-echo")
+    _wait(lambda: not _replicas("chat_echo", "cli-echo") and not _replicas("frontdoor", "cli-echo"),
+          60, "cli-echo actors gone")
+    missing = triserve("undeploy", "cli-echo", check=False)
+    assert missing.returncode == 1 and "no deployment named 'cli-echo'" in missing.stderr
+
+
+def test_undeploy_leaves_no_actor_and_closes_the_ports(predictor):
+    from ray.util.state import list_actors
+
+    from triserve.deploy import TritonModel
+
+    TritonModel(NAME).undeploy()
+    _wait(lambda: not [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                       if a["class_name"].startswith(f"ServeReplica:{NAME}:")], 60, "replicas gone")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", predictor.http_port), timeout=5).close()
+    assert TritonModel(NAME).status() == {"status": "NOT_DEPLOYED"}

@@ -1,0 +1,287 @@
+"""``ClusterCore``: triserve's core API over Ray Serve deployment handles.
+
+The front door runs triserve's unchanged frontends over this facade
+(:class:`triserve.core.api.Core`). It routes each request by model name to that
+model's deployment; Serve picks the replica. What a frontend reads synchronously
+(readiness, statistics, metrics) comes from a snapshot a background task refreshes
+every ``POLL_S`` seconds, so no frontend call blocks on the cluster.
+
+Faults: a unary request whose replica died (or became unreachable) is sent again
+to a live replica until ``RETRY_S`` has passed; a stream is retried the same way
+until its first response, and a stream cut later ends with an UNAVAILABLE error
+response naming what happened (its text so far was already sent: it is not replayed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.handle import DeploymentHandle
+from tritonclient.grpc import model_config_pb2
+
+import triserve
+from triserve.core.errors import ErrorCode, InferError
+from triserve.core.server import EXTENSIONS
+from triserve.core.types import InferRequest, InferResponse
+
+logger = logging.getLogger("triserve")
+
+POLL_S = 0.5  # how often readiness, statistics and metrics are refreshed
+RETRY_S = 60.0  # how long a request whose replica died is retried on others
+FIGURES_TIMEOUT_S = 5.0  # a replica that does not report its statistics in time is skipped
+_REPLICA_GONE = (RayActorError, ActorUnavailableError)
+
+
+class RemoteModel:
+    """A model version served by a deployment (:class:`triserve.core.api.ModelView`)."""
+
+    def __init__(self, view: dict[str, Any], core: "ClusterCore"):
+        self.name: str = view["name"]
+        self.version: int = view["version"]
+        self.config = model_config_pb2.ModelConfig.FromString(view["config"])
+        self.decoupled: bool = view["decoupled"]
+        self._metadata = view["metadata"]
+        self._config_json = view["config_json"]
+        self._core = core
+
+    @property
+    def ready(self) -> bool:
+        return self._core.running_replicas(self.name) > 0
+
+    def metadata(self) -> dict[str, Any]:
+        return self._metadata
+
+    def config_json(self) -> dict[str, Any]:
+        return self._config_json
+
+
+def _cause(exc: RayTaskError) -> BaseException:
+    """The replica's own exception (an ``InferError`` reaches the client with its code)."""
+    cause = exc.cause
+    if isinstance(cause, InferError):
+        return InferError(cause.code, cause.message)
+    # a bug in the replica: the details (which may name server paths) go to the log only
+    logger.error("a model replica failed unexpectedly: %s", exc)
+    return InferError.internal(f"the model replica failed unexpectedly ({type(cause).__name__})")
+
+
+class _Families:
+    """A ``collect()``-able view of the metric families last gathered from the replicas."""
+
+    def __init__(self):
+        self.families: list = []
+
+    def collect(self) -> list:
+        return self.families
+
+
+class ClusterCore:
+    """The core API (:class:`triserve.core.api.Core`) of one deployed repository."""
+
+    def __init__(self, app_name: str, handles: dict[str, DeploymentHandle]):
+        self.app_name = app_name
+        self._handles = handles
+        self._models: dict[str, list[RemoteModel]] = {}
+        self._running: dict[str, int] = {}
+        self._statistics: dict[str, list[dict[str, Any]]] = {}
+        self.metric_families = _Families()
+        self._poller: asyncio.Task | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Learn every model's metadata (waits until each deployment has a replica)."""
+        views = await asyncio.gather(*(handle.describe.remote() for handle in self._handles.values()))
+        for name, versions in zip(self._handles, views, strict=True):
+            self._models[name] = [RemoteModel(view, self) for view in versions]
+        await self._refresh()
+        self._poller = asyncio.create_task(self._poll())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+
+    # --- the snapshot ---------------------------------------------------------
+
+    async def _poll(self) -> None:
+        """Replica states every ``POLL_S``; statistics and metrics in their own task, so a
+        model without a live replica (its calls wait for one) never holds readiness back."""
+        gathering: asyncio.Task | None = None
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                await self._refresh_states()
+            except Exception:  # the controller restarting: next round
+                logger.debug("reading the replica states failed", exc_info=True)
+            if gathering is None or gathering.done():
+                gathering = asyncio.create_task(self._refresh_figures())
+
+    async def _refresh(self) -> None:
+        await self._refresh_states()
+        await self._refresh_figures()
+
+    async def _refresh_states(self) -> None:
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(self.app_name)
+        running = {}
+        for name in self._handles:
+            deployment = app.deployments.get(name) if app is not None else None
+            states = deployment.replica_states if deployment is not None else {}
+            running[name] = sum(count for state, count in states.items() if str(state).endswith("RUNNING"))
+        self._running = running
+
+    async def _refresh_figures(self) -> None:
+        """Statistics and metric families of one replica per model (each call bounded)."""
+        names = [name for name in self._handles if self._running.get(name, 0) > 0]
+
+        async def bounded(call):
+            return await asyncio.wait_for(call, FIGURES_TIMEOUT_S)
+
+        results = await asyncio.gather(
+            *(bounded(self._handles[name].statistics.remote()) for name in names),
+            *(bounded(self._handles[name].metric_families.remote()) for name in names),
+            return_exceptions=True)
+        families: dict[str, Any] = {}
+        for name, stats in zip(names, results[:len(names)]):
+            if not isinstance(stats, BaseException):
+                self._statistics[name] = stats
+        for replica_families in results[len(names):]:
+            if isinstance(replica_families, BaseException):
+                continue
+            for family in replica_families:
+                merged = families.get(family.name)
+                if merged is None:
+                    families[family.name] = family
+                else:
+                    merged.samples.extend(family.samples)
+        self.metric_families.families = list(families.values())
+
+    def running_replicas(self, name: str) -> int:
+        return self._running.get(name, 0)
+
+    # --- the core API -----------------------------------------------------------
+
+    @property
+    def live(self) -> bool:
+        return not self._stopping
+
+    @property
+    def ready(self) -> bool:
+        """Ready while every model has at least one live (RUNNING) replica."""
+        return not self._stopping and bool(self._running) and all(
+            count > 0 for count in self._running.values())
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": "triserve", "version": triserve.__version__, "extensions": EXTENSIONS}
+
+    def get_model(self, name: str, version: str = "") -> RemoteModel:
+        versions = self._models.get(name)
+        if versions is None:
+            raise InferError.not_found(f"unknown model '{name}'")
+        if not version:
+            return versions[-1]
+        for model in versions:
+            if str(model.version) == version:
+                return model
+        raise InferError.not_found(f"unknown version '{version}' of model '{name}'")
+
+    def model_names(self) -> list[str]:
+        return sorted(name for name in self._models if self.running_replicas(name) > 0)
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        rows = []
+        for name, versions in sorted(self._models.items()):
+            ready = self.running_replicas(name) > 0
+            if ready_only and not ready:
+                continue
+            for model in versions:
+                rows.append({"name": name, "version": str(model.version),
+                             "state": "READY" if ready else "UNAVAILABLE",
+                             "reason": "" if ready else "no live replica"})
+        return rows
+
+    async def load_model(self, name: str, config_json: str | None = None) -> None:
+        raise self._no_model_control("load")
+
+    async def unload_model(self, name: str) -> None:
+        raise self._no_model_control("unload")
+
+    @staticmethod
+    def _no_model_control(action: str) -> InferError:
+        return InferError(ErrorCode.UNSUPPORTED,
+                          f"explicit model {action} is not available on a cluster deployment: "
+                          "deploy again (triserve deploy --override) or undeploy instead")
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        if name:
+            self.get_model(name, version)
+            names = [name]
+        else:
+            names = sorted(self._models)
+        rows = [row for n in names for row in self._statistics.get(n, [])]
+        return [row for row in rows if not version or row.get("version") == version]
+
+    def _handle(self, request: InferRequest) -> DeploymentHandle:
+        self.get_model(request.model_name, request.model_version)  # NOT_FOUND before any hop
+        return self._handles[request.model_name]
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        handle = self._handle(request)
+        deadline = time.monotonic() + RETRY_S
+        while True:
+            try:
+                return await handle.infer.remote(request)
+            except RayTaskError as exc:
+                raise _cause(exc) from None
+            except _REPLICA_GONE as exc:
+                if time.monotonic() > deadline:
+                    raise InferError.unavailable(
+                        f"model '{request.model_name}': no replica answered for {RETRY_S:.0f} s "
+                        f"({type(exc).__name__})") from None
+                logger.warning("model '%s': a replica went away (%s); sending the request again",
+                               request.model_name, type(exc).__name__)
+                await asyncio.sleep(0.05)
+
+    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        handle = self._handle(request).options(stream=True)
+        deadline = time.monotonic() + RETRY_S
+        while True:
+            responses = handle.stream.remote(request)
+            sent = 0
+            try:
+                async for response in responses:
+                    sent += 1
+                    yield response
+                    if response.final:
+                        return
+                return
+            except RayTaskError as exc:
+                error = _cause(exc)
+                if not sent:
+                    raise error from None
+                yield InferResponse(model_name=request.model_name, model_version=request.model_version,
+                                    id=request.id, error=error, final=True)
+                return
+            except _REPLICA_GONE as exc:
+                if sent:
+                    yield InferResponse(
+                        model_name=request.model_name, model_version=request.model_version,
+                        id=request.id, final=True, error=InferError.unavailable(
+                            f"the replica of model '{request.model_name}' serving this stream stopped "
+                            f"after {sent} response(s) ({type(exc).__name__}); send the request again"))
+                    return
+                if time.monotonic() > deadline:
+                    raise InferError.unavailable(
+                        f"model '{request.model_name}': no replica answered for {RETRY_S:.0f} s") from None
+                await asyncio.sleep(0.05)
+            finally:
+                responses.cancel()
+
