@@ -21,7 +21,7 @@ from triserve.langchain import ChatTriserve, TriserveError
 # Bounded replies keep the suites fast on a CPU (long enough for the suite's JSON jokes); greedy
 # decoding keeps them repeatable, and a frequency penalty keeps greedy SmolLM2 from looping inside
 # a JSON string ('{"setup": "A cat is a cat, a cat is a cat, ...' until max_tokens, measured).
-FAST = {"model": DEFAULT_CHAT_MODEL, "temperature": 0, "frequency_penalty": 0.5, "max_tokens": 64}
+FAST = {"model": DEFAULT_CHAT_MODEL, "temperature": 0, "frequency_penalty": 1.0, "max_tokens": 64}
 
 
 class TestChatTriserveUnit(ChatModelUnitTests):
