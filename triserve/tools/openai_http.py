@@ -33,37 +33,49 @@ def error_text(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}: {error or body}"
 
 
-def _event_data(lines: list[str]) -> str | None:
-    data = [line[5:].removeprefix(" ") for line in lines if line.startswith("data:")]
-    return "\n".join(data) if data else None
+class _SSEReader:
+    """Lines of an SSE stream in, the JSON of each complete event out (until ``[DONE]``)."""
+
+    def __init__(self) -> None:
+        self._event: list[str] = []
+        self.done = False
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        """The event this line completes (a blank line ends one), else None."""
+        if line:
+            self._event.append(line)
+            return None
+        data = [part[5:].removeprefix(" ") for part in self._event if part.startswith("data:")]
+        self._event = []
+        if not data:
+            return None
+        text = "\n".join(data)
+        if text == "[DONE]":
+            self.done = True
+            return None
+        return json.loads(text)
 
 
 def sse_chunks(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
     """The JSON chunks of an SSE stream, until ``[DONE]``."""
-    event: list[str] = []
+    reader = _SSEReader()
     for line in lines:
-        if line:
-            event.append(line)
-            continue
-        data, event = _event_data(event), []
-        if data == "[DONE]":
+        chunk = reader.feed(line)
+        if reader.done:
             return
-        if data is not None:
-            yield json.loads(data)
+        if chunk is not None:
+            yield chunk
 
 
 async def sse_chunks_async(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
     """:func:`sse_chunks` for an async line stream."""
-    event: list[str] = []
+    reader = _SSEReader()
     async for line in lines:
-        if line:
-            event.append(line)
-            continue
-        data, event = _event_data(event), []
-        if data == "[DONE]":
+        chunk = reader.feed(line)
+        if reader.done:
             return
-        if data is not None:
-            yield json.loads(data)
+        if chunk is not None:
+            yield chunk
 
 
 def chat_models(client: httpx.Client) -> list[str]:
