@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import DEFAULT_REPOSITORY
 from serverproc import ServerProcess
-from test_llm_engine import PROMPTS, hf_greedy, submit, tiny_model
+from test_llm_engine import PROMPTS, hf_greedy, make_engine, model, submit  # noqa: F401 (fixtures)
 from test_llm_server import MODEL, chat_inputs, llm_metrics, parameters, texts
 
 from triserve.backends.llm.engine import (EngineConfig, EngineOverloaded, EngineUnavailable, LLMEngine,
@@ -34,26 +33,6 @@ from triserve.backends.llm.sampling import SamplingRow, make_generator, sample
 from triserve.backends.llm.supervision import RestartPolicy
 
 NAN_SEED, CRASH_SEED, PREFILL_SEED = 4242, 4343, 4444
-
-
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    return tiny_model(LlamaForCausalLM, LlamaConfig, tie_word_embeddings=True)
-
-
-@pytest.fixture
-def make_engine(model):
-    engines: list[LLMEngine] = []
-
-    def make(**settings) -> LLMEngine:
-        engine = LLMEngine(model, EngineConfig(**{"max_model_len": 256, **settings}))
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.stop()
 
 
 def idle(engine: LLMEngine) -> bool:
