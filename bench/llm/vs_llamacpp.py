@@ -58,6 +58,13 @@ class Stream:
         return self.token_times[0] - self.sent if self.token_times else float("nan")
 
 
+def fresh_connections(count: int) -> httpx.Limits:
+    """A new connection per request: llama-server closes a keep-alive connection after 5 s idle, and a
+    pooled connection it closed fails the next request with "Server disconnected". Loopback connects
+    cost both servers alike (~0.1 ms a request)."""
+    return httpx.Limits(max_connections=count, max_keepalive_connections=0)
+
+
 async def chat_stream(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> Stream:
     stream = Stream(sent=time.perf_counter())
     payload = {"model": LLM_MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
@@ -108,8 +115,7 @@ async def clients(url: str, count: int = 16, turns: int = 2, new_tokens: int = 6
             ttfts.append(stream.ttft)
             tokens += stream.completion_tokens
 
-    limits = httpx.Limits(max_connections=count + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=600, limits=fresh_connections(count + 4)) as client:
         await chat_stream(client, url, [{"role": "user", "content": "Hello!"}], 8)  # warm-up
         started = time.perf_counter()
         await asyncio.gather(*(conversation(i, client) for i in range(count)))
@@ -123,7 +129,7 @@ async def stall(url: str, health_url: str, streams: int = 8, prompt_tokens: int 
     prefilled (from its arrival to its first token), and health-check latencies meanwhile."""
     long_prompt = PARAGRAPH * (prompt_tokens // 45)  # ~45 tokens a paragraph
     health: list[float] = []
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=streams + 4)) as client:
+    async with httpx.AsyncClient(timeout=600, limits=fresh_connections(streams + 4)) as client:
         await chat_stream(client, url, [{"role": "user", "content": "Hello!"}], 8)  # warm-up
         running = [asyncio.create_task(chat_stream(client, url, [{"role": "user", "content": FOLLOW_UPS[0].format(
             topic=TOPICS[i])}], 200)) for i in range(streams)]
