@@ -155,6 +155,12 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     ('input [ { name: "a" data_type: TYPE_FP32 dims: [ 1 ] },\n'
      '        { name: "a" data_type: TYPE_FP32 dims: [ 1 ] } ]', "input 'a' is defined more than once"),
     ('max_batch_size: -1', "max_batch_size must be >= 0, got -1"),
+    ('dynamic_batching { priority_levels: 2 default_priority_level: 3 }',
+     "default_priority_level must be between 1 and priority_levels 2, got 3"),
+    ('dynamic_batching { priority_levels: 2 }', "default_priority_level must be between 1 and priority_levels 2"),
+    ('dynamic_batching { priority_levels: 2 default_priority_level: 1 priority_queue_policy { key: 5 value: {} } }',
+     "priority_queue_policy level 5 must be between 1 and priority_levels 2"),
+    ('dynamic_batching { default_priority_level: 1 }', "need priority_levels > 0"),
 ])
 def test_invalid_configs_are_rejected_with_the_problem(tmp_path, tensor, problem):
     folder = model_folder(tmp_path, "m", f'backend: "python"\n{tensor}')

@@ -1,7 +1,8 @@
-"""Fuzzing, bounded so it runs in CI: zero 5xx, zero crashes.
+"""Fuzzing, bounded so it runs in CI: zero 5xx, zero crashes, zero undocumented answers.
 
 - schemathesis generates requests (valid and invalid) for every operation of
-  ``/openapi.json`` and sends them to a real server serving test models;
+  ``/openapi.json`` and sends them to a real server serving test models; every answer
+  must be documented for its operation (status, content type, body schema);
 - hypothesis drives the binary tensor extension and the BYTES codec, directly and
   through the real ``/infer`` endpoint, and OpenAI sampling values at their edges
   against the real default chat model (``max_tokens`` capped, so generation stays short).
@@ -17,6 +18,8 @@ import pytest
 import requests
 import schemathesis
 from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                               status_code_conformance)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -61,11 +64,14 @@ def _steer(case) -> None:
                 case.body[key] = max(min(case.body[key], 4), -1)
 
 
-# The document is read from the package (the server serves the same file), so the operations
-# are known when tests are collected: one test per operation.
-SCHEMA = schemathesis.openapi.from_path(openapi.DOCUMENT_PATH)
-OPERATIONS = [(method.upper(), path) for path, methods in json.loads(openapi.DOCUMENT_PATH.read_text())["paths"].items()
-              for method in methods]
+# The document is built from the package, as the server serves it (the OpenAI part and the
+# error answers included), so the operations are known when tests are collected: one test per
+# operation. Each response must be one the document gives for the operation: its status, its
+# content type and its body's schema.
+DOCUMENT = json.loads(openapi.document())
+SCHEMA = schemathesis.openapi.from_dict(DOCUMENT)
+OPERATIONS = [(method.upper(), path) for path, methods in DOCUMENT["paths"].items() for method in methods]
+CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
 @pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
@@ -83,6 +89,7 @@ def test_openapi_operations_never_answer_5xx(fuzz_server, method, path):
         response = case.call(base_url=fuzz_server.base_url, timeout=30)
         assert response.status_code < 500, (f"{case.method} {case.formatted_path} {case.body!r:.300} -> "
                                             f"{response.status_code} {response.text[:300]}")
+        case.validate_response(response, checks=CHECKS)
 
     call()
 

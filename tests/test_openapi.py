@@ -1,14 +1,22 @@
-"""/openapi.json describes every HTTP route, and real responses match its schemas."""
+"""/openapi.json describes every HTTP route and the errors each can answer, and real responses
+(errors included: API key, limits, queue full, a model's error) match its schemas."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
+import select
+import socket
+import time
 
 import jsonschema
 import pytest
 import requests
 
+import rawhttp
+from rawhttp import ECHO_CHAT_CONFIG, ECHO_CHAT_MODEL, make_repository
+from serverproc import ServerProcess
 from triserve.frontends.http.app import create_app
 from triserve.options import ServerOptions
 
@@ -98,3 +106,144 @@ def test_real_responses_match_the_document(core_server, document, method, docume
                 validator(document, schema).validate(json.loads(event))
     else:
         validator(document, schema).validate(response.json())
+
+
+# --- the error answers: documented for every operation, and real ones match -------------------
+
+EDGE = {"400", "408", "413", "431", "500"}  # any request may get these, whatever its route
+PUBLIC = {("get", "/"), ("get", "/ui"), ("get", "/ui/"), ("get", "/ui/{name}")}
+INFERENCE = ["/v2/models/{model}/infer", "/v2/models/{model}/generate", "/v2/models/{model}/generate_stream",
+             "/MultiBackendService/Predict", "/v1/chat/completions", "/v1/completions"]
+
+
+def test_every_operation_documents_the_error_answers_it_can_give(document):
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            statuses = set(operation["responses"])
+            where = f"{method.upper()} {path}"
+            assert EDGE <= statuses, f"{where} lacks {EDGE - statuses}"
+            if (method, path) in PUBLIC:
+                assert "401" not in statuses, f"{where} is open: it is never 401"
+            else:
+                assert "401" in statuses, where
+                assert "WWW-Authenticate" in operation["responses"]["401"]["headers"]
+            assert ("403" in statuses) == path.startswith("/v2/repository/models/"), where
+            assert ("429" in statuses) == path in ("/v1/chat/completions", "/v1/completions"), where
+            for status, answer in operation["responses"].items():
+                if status >= "400":
+                    schema = answer["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+                    assert schema == ("OpenAIError" if path.startswith("/v1/") else "Error"), (where, status)
+    for path in INFERENCE:
+        post = document["paths"][path]["post"]["responses"]
+        assert {"404", "503"} <= set(post), path
+        assert "queue is full" in post["503" if not path.startswith("/v1/") else "429"]["description"]
+        assert "shutting down" in post["503"]["description"]
+
+
+API_KEY = "sk-openapi-test"
+KEYED = {"Authorization": f"Bearer {API_KEY}"}
+SLOW_CHAT_CONFIG = ECHO_CHAT_CONFIG.replace('name: "echo_chat"', 'name: "slow_chat"') + \
+    "dynamic_batching { default_queue_policy { max_queue_size: 1 } }\n"
+SLOW_CHAT_MODEL = ECHO_CHAT_MODEL.replace("import numpy as np", "import time\n\nimport numpy as np").replace(
+    "    def execute(self, requests):\n", "    def execute(self, requests):\n        time.sleep(2.0)\n")
+
+
+@pytest.fixture(scope="module")
+def edge_server(tmp_path_factory):
+    """An API key without a model control key (load/unload: 403), small limits, a slow chat model
+    behind a queue of 1 (429 on OpenAI routes, 503 elsewhere)."""
+    repository = make_repository(tmp_path_factory.mktemp("edge"), ["identity_fp32", "raises"])
+    (repository / "slow_chat" / "1").mkdir(parents=True)
+    (repository / "slow_chat" / "config.pbtxt").write_text(SLOW_CHAT_CONFIG)
+    (repository / "slow_chat" / "1" / "model.py").write_text(SLOW_CHAT_MODEL)
+    args = ["--api-key", API_KEY, "--max-request-body", "4096", "--request-body-timeout", "1",
+            "--model-control-mode", "explicit", "--load-model", "*"]
+    with ServerProcess(repository, args=args, headers=dict(KEYED)) as server:
+        yield server
+
+
+def check_documented(document: dict, method: str, path: str, status: int, body: bytes) -> None:
+    """``status`` is documented for the operation and ``body`` matches its schema."""
+    described = document["paths"][path][method]["responses"].get(str(status))
+    assert described is not None, f"{method.upper()} {path}: status {status} is not documented ({body[:200]!r})"
+    validator(document, described["content"]["application/json"]["schema"]).validate(json.loads(body))
+
+
+def raw_request(server, head: bytes, body: bytes = b"", timeout: float = 10) -> rawhttp.RawResponse:
+    with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+        sock.sendall(head + body)
+        return rawhttp.read_response(sock, timeout)
+
+
+def huge_head(server, path: str) -> rawhttp.RawResponse:
+    """A header sent 8 KiB at a time until the server answers (it refuses past 64 KiB)."""
+    with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Big: ".encode())
+        try:
+            for _ in range(16):
+                if select.select([sock], [], [], 0.05)[0]:
+                    break
+                sock.sendall(b"a" * 8192)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return rawhttp.read_response(sock, 10)
+
+
+def test_real_error_answers_match_the_document(edge_server, document):
+    base = edge_server.base_url
+    cases = []  # (method, documented path, status, body)
+
+    for path, concrete in (("/v2/models/{model}/infer", "/v2/models/identity_fp32/infer"),
+                           ("/v1/chat/completions", "/v1/chat/completions")):
+        response = requests.post(base + concrete, json={}, timeout=10)  # no key
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        cases.append(("post", path, 401, response.content))
+        head = rawhttp.request_head(edge_server.http_port, concrete, {"Content-Length": "5000", **KEYED})
+        response = raw_request(edge_server, head)  # refused before the body is sent
+        assert response.status == 413
+        cases.append(("post", path, 413, response.body))
+        response = requests.post(base + concrete, data=b"not gzip", timeout=10,
+                                 headers={**KEYED, "Content-Encoding": "gzip"})
+        assert response.status_code == 400
+        cases.append(("post", path, 400, response.content))
+        response = huge_head(edge_server, concrete)
+        assert response.status == 431
+        cases.append(("post", path, 431, response.body))
+        # a head that never completes: 408 after --request-body-timeout (1 s)
+        partial = rawhttp.request_head(edge_server.http_port, concrete, KEYED)[:-2]
+        response = raw_request(edge_server, partial)
+        assert response.status == 408
+        cases.append(("post", path, 408, response.body))
+
+    response = requests.post(base + "/v2/repository/models/identity_fp32/unload", headers=KEYED, timeout=10)
+    assert response.status_code == 403
+    cases.append(("post", "/v2/repository/models/{model}/unload", 403, response.content))
+    response = requests.get(base + "/v2/health/ready", timeout=10)
+    assert response.status_code == 401
+    cases.append(("get", "/v2/health/ready", 401, response.content))
+
+    # a model's own error is a 500
+    response = requests.post(base + "/v2/models/raises/infer", headers=KEYED, timeout=30, json={
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1], "data": [1]}]})
+    assert response.status_code == 500
+    cases.append(("post", "/v2/models/{model}/infer", 500, response.content))
+
+    # a full queue: one request runs, one waits, the rest are refused (429 on OpenAI routes, 503 elsewhere)
+    chat = {"model": "slow_chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        running = pool.submit(requests.post, base + "/v1/chat/completions", json=chat, headers=KEYED, timeout=30)
+        time.sleep(0.5)
+        waiting = pool.submit(requests.post, base + "/v1/chat/completions", json=chat, headers=KEYED, timeout=30)
+        time.sleep(0.5)
+        refused_openai = requests.post(base + "/v1/chat/completions", json=chat, headers=KEYED, timeout=30)
+        refused_generate = requests.post(base + "/v2/models/slow_chat/generate", json={"prompt": "hi"},
+                                         headers=KEYED, timeout=30)
+        assert running.result().status_code == 200 and waiting.result().status_code == 200
+    assert refused_openai.status_code == 429, refused_openai.text
+    assert refused_openai.json()["error"]["code"] == "rate_limit_exceeded"
+    cases.append(("post", "/v1/chat/completions", 429, refused_openai.content))
+    assert refused_generate.status_code == 503 and "Exceeds maximum queue size" in refused_generate.text
+    cases.append(("post", "/v2/models/{model}/generate", 503, refused_generate.content))
+
+    for method, path, status, body in cases:
+        check_documented(document, method, path, status, body)

@@ -1,5 +1,5 @@
 """Faults and overload against a real server: instance processes that die, execute and
-initialize deadlines, the queue policy, request timeouts, reshape.
+initialize deadlines, the queue policy, request timeouts, priority levels, reshape.
 
 The models are in ``tests/hardening_models``; ``crashy`` answers with its pid and dies
 on request, and logs every ``initialize`` to ``$TRISERVE_TEST_STATE/<model>.init``.
@@ -50,7 +50,7 @@ def state_dir(tmp_path_factory) -> Path:
 def server(tmp_path_factory, state_dir):
     root = tmp_path_factory.mktemp("supervision")
     repository = build_repository(root, ["crashy", "hang", "reshape", "slow", "queue_timeout",
-                                           "delay_order", "two_instances", "slow_unbounded"])
+                                           "delay_order", "two_instances", "slow_unbounded", "priority_order"])
     with ServerProcess(repository, env={"TRISERVE_TEST_STATE": str(state_dir)}) as process:
         yield process
 
@@ -359,6 +359,57 @@ def test_timeout_action_delay_runs_expired_requests_after_the_others(server):
         patient = pool.submit(send, None)
         orders = [first.result(), expires.result(), patient.result()]
     assert orders[1] == orders[0] + 2 and orders[2] == orders[0] + 1
+
+
+# --- priority levels ------------------------------------------------------------------------
+
+
+def test_a_high_priority_request_is_served_before_the_queued_low_ones(server):
+    """priority_order: 1 instance, priority_levels 2 (default 2). While a 3 s request runs, three
+    low-priority requests queue (HTTP ``parameters``), then a high one arrives (tritonclient gRPC
+    ``priority=1``): it runs next, the low ones after it in their order."""
+    def post(seconds: float, priority: int | None) -> int:
+        body = {"inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "FP32", "data": [seconds]}]}
+        if priority is not None:
+            body["parameters"] = {"priority": priority}
+        status, document = post_infer(server, "priority_order", body)
+        assert status == 200, document
+        return document["outputs"][0]["data"][0]
+
+    def grpc_high() -> int:
+        tensor = grpcclient.InferInput("INPUT0", [1, 1], "FP32")
+        tensor.set_data_from_numpy(np.array([[0.1]], dtype=np.float32))
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            return int(client.infer("priority_order", [tensor], priority=1).as_numpy("ORDER")[0][0])
+
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        running = pool.submit(post, 3.0, None)
+        time.sleep(0.5)
+        low = [pool.submit(post, 0.1, priority) for priority in (2, 0, None)]  # 0 and none: the default, 2
+        time.sleep(0.7)
+        high = pool.submit(grpc_high)
+        first, lows, high = running.result(), [future.result() for future in low], high.result()
+    assert high == first + 1, (first, high, lows)
+    assert sorted(lows) == [first + 2, first + 3, first + 4]
+
+
+def test_a_priority_out_of_range_is_refused_naming_it(server):
+    body = {"parameters": {"priority": 3},
+            "inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "FP32", "data": [0.0]}]}
+    status, document = post_infer(server, "priority_order", body)
+    assert status == 400
+    assert "'priority' 3 is out of range" in document["error"] and "priority_levels is 2" in document["error"]
+    status, document = post_infer(server, "priority_order", {**body, "parameters": {"priority": "high"}})
+    assert status == 400 and "'priority' must be a non-negative integer" in document["error"]
+    tensor = grpcclient.InferInput("INPUT0", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.array([[0.0]], dtype=np.float32))
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("priority_order", [tensor], priority=7)
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "'priority' 7 is out of range" in refused.value.message()
+        # the model still serves
+        assert client.infer("priority_order", [tensor], priority=1).as_numpy("ORDER") is not None
 
 
 # --- reshape ------------------------------------------------------------------------------

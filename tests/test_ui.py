@@ -1,7 +1,8 @@
 """The chat page (``GET /`` and ``/ui``) in a real headless Chromium (Debian's ``chromium`` and
 ``chromium-driver``, installed by scripts/install.sh --test), driven by selenium, against the
 real default chat model: a reply streams in, Stop ends the reply and the server's generation,
-a reload keeps the finished conversation (sessionStorage) and nothing else.
+a reload keeps the finished conversation (sessionStorage) and nothing else, and a JSON schema
+set in the page shapes the reply.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -220,3 +222,23 @@ def test_a_json_schema_that_does_not_parse_is_refused_in_the_page(page):
     assert error.is_displayed() and error.text.startswith("JSON schema:")
     assert page.execute_script("return document.querySelectorAll('#messages .msg').length") == 0
     assert page.find_element("id", "prompt").get_attribute("value") == "Hello"  # nothing lost
+
+
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 24},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "mood": {"enum": ["happy", "sad", "calm"]}},
+          "required": ["name", "age", "mood"]}
+
+
+def test_a_json_schema_set_in_the_page_shapes_the_reply(page):
+    """The schema box's schema goes to the server as response_format: the reply the page shows
+    parses as JSON and validates against it (strict: no other keys)."""
+    fill(page, "schema", json.dumps(PERSON))
+    ask(page, "Describe a person.", max_tokens=80)
+    [reply] = wait_replies(page, 1)
+    assert not page.find_element("id", "schema_error").is_displayed()
+    document = json.loads(reply["text"])
+    jsonschema.validate(document, {**PERSON, "additionalProperties": False})
+    # the page's own state sent it: the setting is kept for the next turn
+    assert json.loads(page.find_element("id", "schema").get_attribute("value")) == PERSON

@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=_seconds, default=30.0, metavar="S",
                        help="at SIGTERM/SIGINT: seconds running requests get to finish before "
                             "they end with an error (default: 30)")
+    serve.add_argument("--stream-stall-timeout", type=_seconds, default=60.0, metavar="S",
+                       help="a streamed request whose client reads none of its responses for S seconds "
+                            "while the model is held back (16 MiB or 1024 responses waiting) is "
+                            "cancelled with an error; 0 = never (default: 60)")
     serve.add_argument("--initialize-timeout", type=_seconds, default=600.0, metavar="S",
                        help="deadline of a model instance's load/initialize; 0 = none (default: 600)")
     serve.add_argument("--finalize-timeout", type=_seconds, default=30.0, metavar="S",
@@ -206,6 +210,7 @@ def _server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         strict_readiness=args.strict_readiness,
         chatglm_model=args.chatglm_model,
         drain_timeout=args.drain_timeout,
+        stream_stall_timeout=args.stream_stall_timeout,
         initialize_timeout=args.initialize_timeout,
         finalize_timeout=args.finalize_timeout,
         execute_timeout=args.execute_timeout,

@@ -84,6 +84,7 @@ class ServerOptions:
     strict_readiness: bool = True  # Triton's default: not ready while a startup model failed to load
     chatglm_model: str | None = None  # the model behind ChatGLM's ``POST /``; None: the first chat model
     drain_timeout: float = 30.0  # SIGTERM: seconds running requests get to finish
+    stream_stall_timeout: float = 60.0  # a stream whose client reads nothing while it is held back
     initialize_timeout: float = 600.0  # deadline of one instance's load/initialize
     finalize_timeout: float = 30.0  # deadline of one instance's finalize
     execute_timeout: float = 0.0  # deadline of one execute call; 0 = none

@@ -157,7 +157,8 @@ async def serve(options: ServerOptions) -> None:
         instance_restart_window=options.instance_restart_window)
     core = InferenceServer(options.model_repository, options.model_control_mode, options.load_models,
                            drain_timeout=options.drain_timeout, strict_readiness=options.strict_readiness,
-                           lifecycle=lifecycle, allowed_roots=options.allowed_model_roots)
+                           lifecycle=lifecycle, allowed_roots=options.allowed_model_roots,
+                           stream_stall_timeout=options.stream_stall_timeout)
     frontends = Frontends(core, options)
 
     stop = asyncio.Event()

@@ -98,7 +98,7 @@ class Job:
     """
 
     __slots__ = ("request", "_sink", "_loop", "_cancelled", "_cancel_callbacks", "done",
-                 "enqueue_ns", "start_ns")
+                 "enqueue_ns", "start_ns", "_flow")
 
     def __init__(self, request: InferRequest, sink: Callable[[InferResponse], None],
                  loop: asyncio.AbstractEventLoop):
@@ -110,6 +110,7 @@ class Job:
         self.done = False
         self.enqueue_ns = time.monotonic_ns()
         self.start_ns = 0
+        self._flow: Callable[[bool], None] | None = None
 
     def send(self, response: InferResponse) -> None:
         if self.done:
@@ -136,6 +137,20 @@ class Job:
             callback()
         else:
             self._cancel_callbacks.append(callback)
+
+    def set_flow_control(self, hold: Callable[[bool], None]) -> None:
+        """A backend that can hold a request's responses back (not read them from the model, so
+        the model's send waits) gives ``hold``: the core calls it with True when the request's
+        reader falls behind (:mod:`triserve.core.flow`), with False when it catches up."""
+        self._flow = hold
+
+    def pause(self) -> None:
+        if self._flow is not None:
+            self._flow(True)
+
+    def resume(self) -> None:
+        if self._flow is not None:
+            self._flow(False)
 
     def cancel(self) -> None:
         if self._cancelled or self.done:

@@ -129,6 +129,8 @@ def validate_config(config: ModelConfig, source: str = CONFIG_FILENAME) -> None:
         raise ConfigError(f"{source}: max_batch_size must be >= 0, got {config.max_batch_size}")
     _validate_tensors("input", config.input, source)
     _validate_tensors("output", config.output, source)
+    if config.HasField("dynamic_batching"):
+        _validate_priorities(config.dynamic_batching, source)
     if config.HasField("dynamic_batching") and config.max_batch_size > 0:
         for size in config.dynamic_batching.preferred_batch_size:
             if not 0 < size <= config.max_batch_size:
@@ -136,6 +138,22 @@ def validate_config(config: ModelConfig, source: str = CONFIG_FILENAME) -> None:
                     f"{source}: dynamic_batching preferred_batch_size {size} must be between 1 "
                     f"and max_batch_size {config.max_batch_size}"
                 )
+
+
+def _validate_priorities(batching, source: str) -> None:
+    levels = batching.priority_levels
+    if levels == 0:
+        if batching.default_priority_level or batching.priority_queue_policy:
+            raise ConfigError(f"{source}: dynamic_batching default_priority_level and priority_queue_policy "
+                              "need priority_levels > 0")
+        return
+    if not 1 <= batching.default_priority_level <= levels:
+        raise ConfigError(f"{source}: dynamic_batching default_priority_level must be between 1 and "
+                          f"priority_levels {levels}, got {batching.default_priority_level}")
+    for level in batching.priority_queue_policy:
+        if not 1 <= level <= levels:
+            raise ConfigError(f"{source}: dynamic_batching priority_queue_policy level {level} must be "
+                              f"between 1 and priority_levels {levels}")
 
 
 def _validate_tensors(kind: str, tensors, source: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Iterable
 import triserve
 from triserve.core.backend import Lifecycle
 from triserve.core.errors import ErrorCode, InferError
+from triserve.core.flow import ResponseBuffer
 from triserve.core.model import ModelVersion
 from triserve.core.repository import ModelControlMode, ModelRepository, model_folders
 from triserve.core.types import InferRequest, InferResponse
@@ -47,7 +48,7 @@ class InferenceServer:
     def __init__(self, repository: Path, model_control_mode: str = "none",
                  load_models: Iterable[str] = (), drain_timeout: float = 30.0,
                  strict_readiness: bool = True, lifecycle: Lifecycle = Lifecycle(),
-                 allowed_roots: Iterable[Path] = ()):
+                 allowed_roots: Iterable[Path] = (), stream_stall_timeout: float = 60.0):
         self.repository = Path(repository)
         self.model_control_mode = ModelControlMode(model_control_mode)
         self._startup_models = list(load_models)
@@ -55,6 +56,7 @@ class InferenceServer:
         self._models = ModelRepository(self.repository, _InternalClient(self), drain_timeout,
                                        lifecycle, tuple(Path(root) for root in allowed_roots))
         self._strict_readiness = strict_readiness
+        self.stream_stall_timeout = stream_stall_timeout
         self._started = False
         self._stopping = False
 
@@ -182,8 +184,8 @@ class InferenceServer:
         if accepting:
             self._accepting()
         model = self.get_model(request.model_name, request.model_version)
-        responses: asyncio.Queue[InferResponse] = asyncio.Queue()
-        job = model.submit(request, responses.put_nowait)
+        responses = ResponseBuffer(self.stream_stall_timeout)  # bounded: a reader that stops pauses the model
+        job = responses.job = model.submit(request, responses.put)
         try:
             while True:
                 response = await responses.get()
@@ -191,6 +193,7 @@ class InferenceServer:
                 if response.final:
                     return
         finally:
+            responses.close()
             if not job.done:
                 job.cancel()
 

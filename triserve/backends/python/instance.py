@@ -80,6 +80,7 @@ class InstanceProcess:
         self._ready: asyncio.Future | None = None
         self._finalized: asyncio.Future | None = None
         self._jobs: dict[int, Job] = {}
+        self._held: set[int] = set()  # jobs whose reader fell behind: the socket is not read
         self._batches: dict[int, asyncio.Future] = {}
         self._bls_tasks: set[asyncio.Task] = set()
         self._ids = itertools.count()
@@ -153,6 +154,7 @@ class InstanceProcess:
             job_id = next(self._ids)
             self._jobs[job_id] = job
             job.add_cancel_callback(lambda job_id=job_id: self._send_control(("cancel", job_id)))
+            job.set_flow_control(lambda hold, job_id=job_id: self._hold(job_id, hold))
             payloads.append(request_payload(job_id, job.request))
         self._send(("execute", batch_id, payloads))
         deadline = self.context.lifecycle.execute_timeout
@@ -223,6 +225,19 @@ class InstanceProcess:
         if self._alive:
             self._control.send(message)
 
+    def _hold(self, job_id: int, hold: bool) -> None:
+        """Back-pressure for a request whose client stopped reading (core/flow.py): the process's
+        responses are not read while any of its requests is held, so a model sending faster than
+        its client reads blocks in ``response_sender.send`` instead of filling the server's memory.
+        Cancellations and BLS answers travel on the control socket, which is always read."""
+        was_held = bool(self._held)
+        if hold and job_id in self._jobs:
+            self._held.add(job_id)
+        else:
+            self._held.discard(job_id)
+        if bool(self._held) != was_held and self._alive:
+            self._protocol.hold_reading(bool(self._held))
+
     def _on_closed(self) -> None:
         self._closed.set()
         self._exit_task = asyncio.create_task(self._exited())
@@ -255,6 +270,8 @@ class InstanceProcess:
         job = self._jobs.pop(job_id) if final else self._jobs.get(job_id)
         if job is None:
             return
+        if final and self._held:
+            self._hold(job_id, False)
         request = job.request
         if error is not None:
             response = InferResponse(request.model_name, request.model_version, request.id,
@@ -286,6 +303,7 @@ class InstanceProcess:
             for job in self._jobs.values():
                 job.fail(error)
             self._jobs.clear()
+        self._held.clear()
         for batch in self._batches.values():
             batch.set_result(None)
         self._batches.clear()

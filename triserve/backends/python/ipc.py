@@ -91,6 +91,16 @@ class FrameProtocol(asyncio.Protocol):
         data = pickle.dumps(message, protocol=5)
         self._transport.write(HEADER.pack(len(data)) + data)
 
+    def hold_reading(self, hold: bool) -> None:
+        """Stop (True) or go on (False) reading the child's frames: while held, the child's writes
+        fill the socket buffer and then block, which holds a model's response sender back."""
+        if self._transport is None or self._transport.is_closing():
+            return
+        if hold:
+            self._transport.pause_reading()
+        else:
+            self._transport.resume_reading()
+
     async def writable(self) -> None:
         """Return once the socket buffer has room (at once, unless the child is slow to read)."""
         if self._resumed is not None:

@@ -9,6 +9,7 @@ Every RPC decodes with :mod:`triserve.frontends.kserve_proto`, calls the core, a
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -18,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from triserve.core import flow
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.types import InferResponse
 from triserve.frontends import kserve_proto
@@ -116,6 +118,30 @@ def not_supported(feature: str) -> Handler:
     return handler
 
 
+class _ByteBudget:
+    """Bytes a stream's outbox may hold: ``take`` waits while others hold them (a reply larger
+    than the whole budget goes alone), ``give`` returns them once written."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._used = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def take(self, size: int) -> None:
+        while self._used and self._used + size > self._limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        self._used += size
+
+    def give(self, size: int) -> None:
+        self._used -= size
+        while self._waiters:  # each waiter checks again whether it fits now
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 def is_bare_final_flag(response: InferResponse) -> bool:
     """A decoupled model's "no more responses" flag, sent without any data of its own."""
     return response.final and response.error is None and not response.outputs and not response.parameters
@@ -203,17 +229,22 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         Bounded both ways: at most ``--grpc-max-stream-in-flight`` requests run at once
         (a request past it gets an error reply at once and the stream goes on), and the
-        outbox holds at most as many replies: when the client stops reading, the requests
-        stop pulling responses from the core instead of queueing them here without end.
+        outbox holds at most as many replies, and at most ``flow.HIGH_WATER_BYTES`` of them
+        (one larger reply alone): when the client stops reading, the requests stop pulling
+        responses from the core, which holds the models back (:mod:`triserve.core.flow`),
+        instead of queueing them here without end.
         """
         limit = self.limits.grpc_max_stream_in_flight
-        outbox: asyncio.Queue[service_pb2.ModelStreamInferResponse | None] = asyncio.Queue()
+        outbox: asyncio.Queue[tuple[service_pb2.ModelStreamInferResponse, int] | None] = asyncio.Queue()
         room = asyncio.Semaphore(limit)  # replies queued or being written, at most ``limit``
+        budget = _ByteBudget(flow.HIGH_WATER_BYTES)  # and their bytes
         in_flight: set[asyncio.Task] = set()
 
         async def emit(reply: service_pb2.ModelStreamInferResponse) -> None:
+            size = reply.ByteSize()
             await room.acquire()
-            outbox.put_nowait(reply)
+            await budget.take(size)
+            outbox.put_nowait((reply, size))
 
         async def read_requests() -> None:
             try:
@@ -233,8 +264,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         reader = asyncio.create_task(read_requests())
         try:
-            while (reply := await outbox.get()) is not None:
+            while (item := await outbox.get()) is not None:
+                reply, size = item
                 await context.write(reply)
+                budget.give(size)
                 room.release()
             await reader  # surfaces a failure to read the request stream
         finally:

@@ -3,7 +3,11 @@
 The KServe, generate, seed and ChatGLM parts are a file (``openapi.json`` next to this
 module) stating the wire formats as clients see them; the OpenAI part is generated from
 the pydantic models the routes validate with (:mod:`.openai.protocol`), so it cannot drift
-from them. tests/test_openapi.py checks real responses of each route against the whole.
+from them. The answers of the edge, which every operation can give whatever its route
+(the API key of :mod:`.auth`, the limits of :mod:`.limits` and :mod:`.protocol`, a bug's
+500), are added to every operation here, from the same rule the edge applies, in the
+path's dialect (:mod:`.refusal`). tests/test_openapi.py checks real responses of each
+route, errors included, against the whole.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from triserve.frontends.auth import CallKind
+from triserve.frontends.http.auth import call_kind
 from triserve.frontends.http.openai.protocol import SCHEMAS
+from triserve.frontends.http.refusal import OPENAI_PREFIX
 
 DOCUMENT_PATH = Path(__file__).with_name("openapi.json")
 _REF = "#/components/schemas/"
@@ -30,9 +37,73 @@ def _json(name: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": _REF + name}}}
 
 
+_OPENAI_ERRORS = {
+    404: "Not found (code model_not_found): no such chat model",
+    429: "Rate limit (type and code rate_limit_exceeded): the model's queue is full; retry later",
+    503: "Unavailable: the model is not ready (loading, restarting, failed) or the server is "
+         "shutting down (draining)",
+}
+
+
 def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(status): {"description": "OpenAI error object", "content": _json("OpenAIError")}
-            for status in statuses}
+    return {str(status): {"description": _OPENAI_ERRORS.get(status, "OpenAI error object"),
+                          "content": _json("OpenAIError")} for status in statuses}
+
+
+def _answer(description: str, openai: bool, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": description,
+                              "content": _json("OpenAIError" if openai else "Error")}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}
+
+
+def _edge_responses(method: str, path: str) -> dict[str, dict[str, Any]]:
+    """What any request to ``path`` may be answered before (or whatever) its route does."""
+    openai = path.startswith(OPENAI_PREFIX)
+    kind = call_kind(method.upper(), path)
+    answers = {
+        "400": _answer("Bad request: a body whose Content-Encoding is not gzip/deflate or does not "
+                       "inflate, JSON nested deeper than --max-json-depth, or (the route's own) "
+                       "input that does not fit the operation; the message names the problem", openai),
+        "408": _answer("The request head or body did not arrive within --request-body-timeout; "
+                       "the connection is closed", openai),
+        "413": _answer("The body is over --max-request-body, or inflates past "
+                       "--max-decompressed-body; the connection is closed", openai),
+        "431": _answer("The request line and headers are over 64 KiB; the connection is closed", openai),
+        "500": _answer("A model's own error, or a server bug: then the message holds only the "
+                       "exception's type and a reference to the server log's entry "
+                       "(\"internal error (T); the server log has the details under reference R\")",
+                       openai),
+    }
+    if kind is CallKind.HEALTH:
+        answers["401"] = _answer("The server has an API key (--api-key) and the request no or a wrong "
+                                 "one (Authorization: Bearer <key>); not with --open-health",
+                                 openai, _WWW_AUTHENTICATE)
+    elif kind is CallKind.CONTROL:
+        answers["401"] = _answer("The server has a model control key (--model-control-key) and the "
+                                 "request no or a wrong one (Authorization: Bearer <key>)",
+                                 openai, _WWW_AUTHENTICATE)
+        answers["403"] = _answer("Model control is disabled: the server has an API key but no model "
+                                 "control key", openai)
+    elif kind is CallKind.API:
+        answers["401"] = _answer("The server has an API key (--api-key) and the request no or a wrong "
+                                 "one (Authorization: Bearer <key>)", openai, _WWW_AUTHENTICATE)
+    return answers
+
+
+def _with_edge_responses(paths: dict[str, Any]) -> None:
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            for status, answer in _edge_responses(method, path).items():
+                if status in responses and status in ("400", "500"):
+                    responses[status]["description"] = answer["description"]  # the route's errors and the edge's
+                responses.setdefault(status, answer)
+            operation["responses"] = dict(sorted(responses.items()))
 
 
 def _openai_paths() -> dict[str, Any]:
@@ -83,6 +154,7 @@ def document() -> bytes:
         raise RuntimeError(f"openapi.json already has schemas named {clash}")
     schemas.update(copy.deepcopy(generated))
     spec["paths"].update(_openai_paths())
+    _with_edge_responses(spec["paths"])
     return json.dumps(spec).encode()
 
 

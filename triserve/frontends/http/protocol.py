@@ -6,7 +6,8 @@ the event loop copying (quadratic time) and the memory growing, and a client sen
 header byte now and then holds its connection forever. This protocol refuses a head
 larger than :data:`MAX_REQUEST_HEAD` with 431, and one that has not arrived within the
 request timeout (``--request-body-timeout``, which then covers head and body) with 408,
-closing the connection in both cases. The body is bounded by :mod:`.limits`.
+closing the connection in both cases, in the path's dialect (:mod:`.refusal`) when the
+request line arrived. The body is bounded by :mod:`.limits`.
 
 Deadlines are :class:`.deadlines.Deadlines`: one dict and one watcher task, no timer per request.
 """
@@ -15,9 +16,8 @@ from __future__ import annotations
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from triserve.frontends.http import jsonio
 from triserve.frontends.http.deadlines import Deadlines
-from triserve.frontends.http.errors import error_body
+from triserve.frontends.http.refusal import refusal_body
 
 # Request line and headers; nginx allows 4 x 8 KiB, Node 16 KiB: 64 KiB leaves room for long tokens.
 MAX_REQUEST_HEAD = 64 * 1024
@@ -62,7 +62,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.deadlines.unwatch(self)
         if self.transport is None or self.transport.is_closing():
             return
-        body = jsonio.dumps(error_body(message))
+        # in the dialect of the path when the request line got that far (OpenAI's under /v1/)
+        path = bytes(getattr(self, "url", b"")).partition(b"?")[0].decode("latin-1")
+        body = refusal_body(path, message)
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body)) + body)
         self.transport.close()
