@@ -76,8 +76,12 @@ class ResponseBuffer:
             await self._ready
         response, size = self._responses.popleft()
         self._bytes -= size
-        if self._paused and self._bytes <= HIGH_WATER_BYTES // 2 and len(self._responses) <= HIGH_WATER_RESPONSES // 2:
-            self._set_paused(False)
+        if self._paused:
+            if self._bytes <= HIGH_WATER_BYTES // 2 and len(self._responses) <= HIGH_WATER_RESPONSES // 2:
+                self._set_paused(False)
+            elif self._stall_timer is not None:  # the reader is slow, not gone: its clock starts again
+                self._stall_timer.cancel()
+                self._arm_stall_timer()
         return response
 
     def close(self) -> None:
@@ -89,13 +93,16 @@ class ResponseBuffer:
         self._paused = paused
         if paused:
             self.job.pause()
-            if self._stall_timeout > 0:
-                self._stall_timer = asyncio.get_running_loop().call_later(self._stall_timeout, self._stalled)
+            self._arm_stall_timer()
         else:
             if self._stall_timer is not None:
                 self._stall_timer.cancel()
                 self._stall_timer = None
             self.job.resume()
+
+    def _arm_stall_timer(self) -> None:
+        if self._stall_timeout > 0:
+            self._stall_timer = asyncio.get_running_loop().call_later(self._stall_timeout, self._stalled)
 
     def _stalled(self) -> None:
         self._stall_timer = None

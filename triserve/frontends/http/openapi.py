@@ -58,7 +58,8 @@ def _answer(description: str, openai: bool, headers: dict[str, Any] | None = Non
     return answer
 
 
-_WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "Bearer", "required": True,
+                                        "schema": {"type": "string"}}}
 
 
 def _edge_responses(method: str, path: str) -> dict[str, dict[str, Any]]:
