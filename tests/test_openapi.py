@@ -128,7 +128,7 @@ def test_every_operation_documents_the_error_answers_it_can_give(document):
                 assert "401" in statuses, where
                 assert "WWW-Authenticate" in operation["responses"]["401"]["headers"]
             assert ("403" in statuses) == path.startswith("/v2/repository/models/"), where
-            assert ("429" in statuses) == path in ("/v1/chat/completions", "/v1/completions"), where
+            assert ("429" in statuses) == (path in ("/v1/chat/completions", "/v1/completions")), where
             for status, answer in operation["responses"].items():
                 if status >= "400":
                     schema = answer["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]

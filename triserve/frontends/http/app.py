@@ -27,7 +27,8 @@ from triserve.frontends.auth import Gate
 from triserve.frontends.http import binary, chatglm, generate, jsonio, kserve, legacy, openai, openapi, ui
 from triserve.frontends.http.auth import AuthMiddleware
 from triserve.frontends.http.disconnect import until_disconnected
-from triserve.frontends.http.errors import EXCEPTION_HANDLERS, error_body, unexpected_error_body
+from triserve.frontends.http.errors import error_body, unexpected_error_body
+from triserve.frontends.http.refusal import EXCEPTION_HANDLERS
 from triserve.frontends.http.limits import BodyLimitMiddleware
 from triserve.options import Access, Limits
 
