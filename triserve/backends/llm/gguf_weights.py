@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from triserve.backends.llm.quantization import DenseWeight, Int4Weight, Int8Weight, Weight, quantize
+from triserve.backends.llm.quantization import Int4Weight, Int8Weight, Weight, quantize, take_rows
 
 #: GGUF architectures whose tensors map onto the runner's Llama-family layout
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
@@ -75,7 +75,7 @@ def read_gguf_weights(path: Path, num_heads: int, num_kv_heads: int,
             weight = Int8Weight.quantize(torch.from_numpy(dequantize(data, tensor.tensor_type)))
         if architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = num_heads if name.endswith("q_proj.weight") else num_kv_heads
-            weight = _take_rows(weight, _unpermute_rows(rows, heads))
+            weight = take_rows(weight, _unpermute_rows(rows, heads))
         weights[name] = weight
     return weights
 
@@ -116,11 +116,3 @@ def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:
     index = np.arange(rows)
     half = rows // heads // 2
     return torch.from_numpy(index.reshape(heads, half, 2).swapaxes(2, 1).reshape(rows).copy())
-
-
-def _take_rows(weight: Weight, order: torch.Tensor) -> Weight:
-    if isinstance(weight, Int4Weight):
-        return Int4Weight(weight.q[order], weight.scales[order], weight.zeros[order])
-    if isinstance(weight, Int8Weight):
-        return Int8Weight(weight.q[order], weight.scales[order])
-    return DenseWeight(weight.tensor[order])

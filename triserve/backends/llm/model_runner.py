@@ -1,4 +1,5 @@
-"""Our own batched forward pass for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3).
+"""Our own batched forward pass for decoder-only chat models (Llama, Mistral, Qwen2, Qwen3, Phi-3,
+Gemma 2, Gemma 3, GLM, GLM-4; what differs between them is in :mod:`.architectures`).
 
 transformers' ``generate`` decodes one request at a time with its own cache
 objects; the engine instead needs one forward for many sequences, each at its
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import sys
 from dataclasses import dataclass
 from collections.abc import MutableMapping
 from typing import Any, Callable
@@ -31,14 +31,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from triserve.backends.llm.architectures import (ACTIVATIONS, SUPPORTED_ARCHITECTURES, activation_name,
+                                                 apply_rope, architecture_of, check_supported, family_of,
+                                                 language_model, layer_windows, qk_row_order, rope_tables)
 from triserve.backends.llm.kv_cache import KVCache
 from triserve.backends.llm.quantization import (DenseWeight, Embedding, Linear, Weight, concatenate,
-                                                embedding_weight, make_linear, quantize)
+                                                embedding_weight, make_linear, quantize, take_rows)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Phi3ForCausalLM")
-#: rope types whose frequencies are fixed at load (HF computes them; we read them)
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+__all__ = ["DTYPES", "SUPPORTED_ARCHITECTURES", "ModelRunner", "PrefillChunk", "check_supported"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: attends the new tokens' queries for one layer and returns [tokens, q_heads * head_dim]
@@ -52,9 +52,14 @@ class DecoderLayer:
     q_norm: torch.Tensor | None  # Qwen3: RMSNorm of each head's q and k before rope
     k_norm: torch.Tensor | None
     o_proj: Linear
-    post_attention_norm: torch.Tensor
+    post_attention_norm: torch.Tensor  # the norm before the MLP (Gemma: pre_feedforward_layernorm)
     gate_up_proj: Linear | tuple[Linear, Linear]
     down_proj: Linear
+    # Gemma, GLM-4: norms of the attention's and the MLP's outputs, before the residual add
+    attention_output_norm: torch.Tensor | None = None
+    mlp_output_norm: torch.Tensor | None = None
+    window: int | None = None  # sliding-window attention: the positions a query sees, its own included
+    rope: int = 0  # which of the runner's rope tables (Gemma 3: local or global base)
 
 
 @dataclass(slots=True)
@@ -70,9 +75,19 @@ class PrefillChunk:
     def end(self) -> int:
         return self.start + len(self.token_ids)
 
-    def causal_mask(self, group: int) -> torch.Tensor:
-        """Query row (g, t) of a KV head may see keys up to its own position ``start + t``."""
-        visible = torch.arange(self.end)[None, :] <= torch.arange(self.start, self.end)[:, None]
+    def first_key(self, window: int | None) -> int:
+        """The first position any of the chunk's queries sees."""
+        return 0 if window is None else max(0, self.start - window + 1)
+
+    def causal_mask(self, group: int, window: int | None = None) -> torch.Tensor:
+        """Query row (g, t) of a KV head may see keys up to its own position ``start + t`` (and,
+        in a sliding window, no further back than ``window - 1`` positions); columns are keys
+        ``first_key(window)..end``."""
+        keys = torch.arange(self.first_key(window), self.end)[None, :]
+        queries = torch.arange(self.start, self.end)[:, None]
+        visible = keys <= queries
+        if window is not None:
+            visible &= keys > queries - window
         return visible.repeat(group, 1)
 
 
@@ -81,6 +96,8 @@ class ModelRunner:
                  dtype: str = "float32", quantization: str = "none", device: str = "cpu"):
         """Takes (pops) each weight out of ``weights`` as it builds its own form of it."""
         check_supported(config, max_model_len)
+        self.architecture = architecture_of(config)
+        config, weights = language_model(config, weights)  # a vision-language model's text decoder
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype '{dtype}'; expected one of {', '.join(DTYPES)}")
         self.dtype = DTYPES[dtype]
@@ -98,14 +115,32 @@ class ModelRunner:
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.intermediate = config.intermediate_size
-        self.architecture = _architecture(config)
+        family = family_of(config)
+        self.activation = ACTIVATIONS[activation_name(config)]
+        scalar = getattr(config, "query_pre_attn_scalar", None)  # Gemma: not head_dim
+        self.attention_scale = None if scalar is None else scalar ** -0.5
+        self.attention_softcap = getattr(config, "attn_logit_softcapping", None)
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        self.embed_scale = (torch.tensor(config.hidden_size ** 0.5, dtype=self.dtype, device=self.device)
+                            if family.scaled_embedding else None)
+        windows = layer_windows(config, max_model_len)
+        tables, layer_tables, head_order = rope_tables(config, self.head_dim, max_model_len,
+                                                       family.interleaved_rope)
+        # the checkpoint's q/k rows (and q/k norm weights) in the tables' rotary layout
+        q_order = None if head_order is None else qk_row_order(head_order, self.num_heads, self.head_dim)
+        k_order = None if head_order is None else qk_row_order(head_order, self.num_kv_heads, self.head_dim)
 
         def take(name: str) -> Weight | torch.Tensor | None:
             return weights.pop(name, None)
 
-        def vector(name: str) -> torch.Tensor | None:
-            tensor = take(name)
-            return None if tensor is None else tensor.detach().to(self.device, self.dtype)
+        def vector(name: str | None, order: torch.Tensor | None = None) -> torch.Tensor | None:
+            tensor = None if name is None else take(name)
+            if tensor is None:
+                return None
+            tensor = tensor.detach().float()
+            if order is not None:
+                tensor = tensor[order]
+            return (tensor + family.norm_offset).to(self.device, self.dtype)
 
         def projection(name: str) -> Weight:
             weight = take(name)
@@ -113,9 +148,14 @@ class ModelRunner:
                 raise ValueError(f"the checkpoint has no weight '{name}'")
             return quantize(weight, quantization) if isinstance(weight, torch.Tensor) else weight
 
-        def fused(prefix: str, names: tuple[str, ...]) -> Linear | tuple[Linear, ...]:
+        def fused(prefix: str, names: tuple[str, ...],
+                  orders: tuple[torch.Tensor | None, ...] = ()) -> Linear | tuple[Linear, ...]:
             parts = [projection(f"{prefix}.{name}.weight") for name in names]
             biases = [take(f"{prefix}.{name}.bias") for name in names]
+            for index, order in enumerate(orders):
+                if order is not None:
+                    parts[index] = take_rows(parts[index], order)
+                    biases[index] = None if biases[index] is None else biases[index][order]
             bias = None if all(b is None for b in biases) else torch.cat([
                 b if b is not None else torch.zeros(p.shape[0]) for b, p in zip(biases, parts)])
             whole = concatenate(parts)
@@ -133,26 +173,39 @@ class ModelRunner:
         for index in range(config.num_hidden_layers):
             prefix = f"model.layers.{index}"
             attention, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
+            if f"{attention}.qkv_proj.weight" in weights:  # Phi-3 stores them fused
+                qkv_names: tuple[str, ...] = ("qkv_proj",)
+                qkv_orders: tuple[torch.Tensor | None, ...] = () if q_order is None else (torch.cat((
+                    q_order, self.q_size + k_order, torch.arange(self.q_size + self.kv_size,
+                                                                 self.q_size + 2 * self.kv_size))),)
+            else:
+                qkv_names, qkv_orders = ("q_proj", "k_proj", "v_proj"), (q_order, k_order)
             self.layers.append(DecoderLayer(
                 input_norm=vector(f"{prefix}.input_layernorm.weight"),
-                qkv_proj=fused(attention, ("qkv_proj",) if f"{attention}.qkv_proj.weight" in weights
-                               else ("q_proj", "k_proj", "v_proj")),  # Phi-3 stores them fused
-                q_norm=vector(f"{attention}.q_norm.weight"),
-                k_norm=vector(f"{attention}.k_norm.weight"),
+                qkv_proj=fused(attention, qkv_names, qkv_orders),
+                q_norm=vector(f"{attention}.q_norm.weight", head_order),
+                k_norm=vector(f"{attention}.k_norm.weight", head_order),
                 o_proj=fused(attention, ("o_proj",)),
-                post_attention_norm=vector(f"{prefix}.post_attention_layernorm.weight"),
+                post_attention_norm=vector(f"{prefix}.{family.pre_mlp_norm}.weight"),
                 gate_up_proj=fused(mlp, ("gate_up_proj",) if f"{mlp}.gate_up_proj.weight" in weights
                                    else ("gate_proj", "up_proj")),
                 down_proj=fused(mlp, ("down_proj",)),
+                attention_output_norm=vector(family.attention_output_norm
+                                             and f"{prefix}.{family.attention_output_norm}.weight"),
+                mlp_output_norm=vector(family.mlp_output_norm and f"{prefix}.{family.mlp_output_norm}.weight"),
+                window=windows[index],
+                rope=layer_tables[index],
             ))
         self.final_norm = vector("model.norm.weight")
+        self.windows = {layer.window for layer in self.layers}  # None: full attention
         if tied:
             self.lm_head = self.embed_tokens.head
         else:
             if isinstance(head, torch.Tensor):
                 head = DenseWeight(head) if quantization == "none" else quantize(head, "int8")
             self.lm_head = make_linear(head, None, self.dtype, self.device)
-        self.cos, self.sin = self._rope_tables(config, max_model_len)
+        self.rope_tables = [(cos.to(self.device, self.dtype), sin.to(self.device, self.dtype))
+                            for cos, sin in tables]
         self.weight_bytes = self._count_bytes(tied)
 
     @property
@@ -170,24 +223,15 @@ class ModelRunner:
     def _count_bytes(self, tied: bool) -> int:
         """Bytes of every weight the runner holds (what a decode step reads, plus the embedding)."""
         total = self.embed_tokens.nbytes + (0 if tied else self.lm_head.nbytes)
-        total += sum(t.numel() * t.element_size() for t in (self.final_norm, self.cos, self.sin))
+        total += self.final_norm.numel() * self.final_norm.element_size()
+        total += sum(t.numel() * t.element_size() for table in self.rope_tables for t in table)
         for layer in self.layers:
             for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
                 total += sum(part.nbytes for part in (linear if isinstance(linear, tuple) else (linear,)))
-            for vector in (layer.input_norm, layer.post_attention_norm, layer.q_norm, layer.k_norm):
+            for vector in (layer.input_norm, layer.post_attention_norm, layer.q_norm, layer.k_norm,
+                           layer.attention_output_norm, layer.mlp_output_norm):
                 total += 0 if vector is None else vector.numel() * vector.element_size()
         return total
-
-    def _rope_tables(self, config: Any, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for every position, from the frequencies HF's rotary embedding derives from the
-        config, laid out for :func:`_rope` (sin's first half negated)."""
-        rotary_emb = _rotary_embedding_class(config)(config=config)
-        inv_freq = rotary_emb.inv_freq.detach().float()
-        freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-        scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
-        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1) * scaling
-        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1) * scaling
-        return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
 
     def prefill(self, cache: KVCache, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Run every chunk's tokens in one forward pass. Returns the logits of each chunk's last
@@ -206,20 +250,22 @@ class ModelRunner:
     def _prefill_hidden(self, cache: KVCache, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, list[int]]:
         rows = [0, *itertools.accumulate(len(chunk.token_ids) for chunk in chunks)]  # chunk i: rows[i]..
         positions = torch.cat([torch.arange(chunk.start, chunk.end) for chunk in chunks])
-        masks = [chunk.causal_mask(self.group) for chunk in chunks]
+        # per window (None: full attention), each chunk's mask over the keys it sees
+        masks = {window: [chunk.causal_mask(self.group, window) for chunk in chunks] for window in self.windows}
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = cache.keys[index], cache.values[index]
+            window = self.layers[index].window
             out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
-            for chunk, first, last, mask in zip(chunks, rows, rows[1:], masks):
+            for chunk, first, last, mask in zip(chunks, rows, rows[1:], masks[window]):
                 slot, count = chunk.slot, last - first
                 keys[slot, :, chunk.start : chunk.end] = k[first:last].transpose(0, 1)
                 values[slot, :, chunk.start : chunk.end] = v[first:last].transpose(0, 1)
                 grouped = q[first:last].transpose(0, 1).reshape(
                     1, self.num_kv_heads, self.group * count, self.head_dim)
-                attended = F.scaled_dot_product_attention(
-                    grouped, keys[slot : slot + 1, :, : chunk.end], values[slot : slot + 1, :, : chunk.end],
-                    attn_mask=mask)
+                seen = slice(chunk.first_key(window), chunk.end)
+                attended = self._attention(grouped, keys[slot : slot + 1, :, seen], values[slot : slot + 1, :, seen],
+                                           mask)
                 out[first:last] = attended.reshape(self.num_heads, count, self.head_dim).transpose(0, 1).reshape(
                     count, -1)
             return out
@@ -250,9 +296,11 @@ class ModelRunner:
                 keys, values = cache.keys[index], cache.values[index]
                 keys[slot, :, start] = k[0]
                 values[slot, :, start] = v[0]
+                window = self.layers[index].window
+                first = 0 if window is None else max(0, length - window)
                 grouped = q.view(1, self.num_kv_heads, self.group, self.head_dim)
-                out = F.scaled_dot_product_attention(grouped, keys[slot : slot + 1, :, :length],
-                                                     values[slot : slot + 1, :, :length])
+                out = self._attention(grouped, keys[slot : slot + 1, :, first:length],
+                                      values[slot : slot + 1, :, first:length], None)
                 return out.reshape(1, -1)
 
             return self._logits(self._forward(torch.tensor(token_ids), torch.tensor(positions), attend))
@@ -260,7 +308,10 @@ class ModelRunner:
         position = torch.tensor(positions)
         rows = torch.tensor(slots)
         contiguous = slots == list(range(batch))
-        mask = (torch.arange(length)[None, :] <= position[:, None])[:, None, None, :]
+        key_positions = torch.arange(length)[None, :]
+        causal = key_positions <= position[:, None]
+        masks = {window: (causal if window is None else causal & (key_positions > position[:, None] - window))[
+            :, None, None, :] for window in self.windows}
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = cache.keys[index], cache.values[index]
@@ -271,7 +322,7 @@ class ModelRunner:
             else:
                 keys, values = keys[rows, :, :length], values[rows, :, :length]
             grouped = q.view(batch, self.num_kv_heads, self.group, self.head_dim)
-            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+            out = self._attention(grouped, keys, values, masks[self.layers[index].window])
             return out.reshape(batch, -1)
 
         return self._logits(self._forward(torch.tensor(token_ids), position, attend))
@@ -279,11 +330,12 @@ class ModelRunner:
     def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """The decoder stack over ``tokens`` rows (one per new token); returns hidden states."""
         count = token_ids.shape[0]
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
+        ropes = [(cos[positions][:, None, :], sin[positions][:, None, :]) for cos, sin in self.rope_tables]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         q_end, k_end = self.q_size, self.q_size + self.kv_size
         hidden = self.embed_tokens(token_ids)
+        if self.embed_scale is not None:
+            hidden = hidden * self.embed_scale
         for index, layer in enumerate(self.layers):
             x = F.rms_norm(hidden, hidden.shape[-1:], layer.input_norm, self.eps)
             if isinstance(layer.qkv_proj, tuple):
@@ -295,64 +347,40 @@ class ModelRunner:
             if layer.q_norm is not None:
                 qk = torch.cat((F.rms_norm(qk[:, :heads], (head_dim,), layer.q_norm, self.eps),
                                 F.rms_norm(qk[:, heads:], (head_dim,), layer.k_norm, self.eps)), dim=1)
-            qk = _rope(qk, cos, sin)
-            attended = attend(index, qk[:, :heads], qk[:, heads:], v)
-            hidden = hidden + layer.o_proj(attended)
+            qk = apply_rope(qk, *ropes[layer.rope])
+            attended = layer.o_proj(attend(index, qk[:, :heads], qk[:, heads:], v))
+            if layer.attention_output_norm is not None:
+                attended = F.rms_norm(attended, attended.shape[-1:], layer.attention_output_norm, self.eps)
+            hidden = hidden + attended
             x = F.rms_norm(hidden, hidden.shape[-1:], layer.post_attention_norm, self.eps)
             if isinstance(layer.gate_up_proj, tuple):
                 gate, up = (proj(x) for proj in layer.gate_up_proj)
             else:
                 gate_up = layer.gate_up_proj(x)
                 gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
-            hidden = hidden + layer.down_proj(F.silu(gate) * up)
+            out = layer.down_proj(self.activation(gate) * up)
+            if layer.mlp_output_norm is not None:
+                out = F.rms_norm(out, out.shape[-1:], layer.mlp_output_norm, self.eps)
+            hidden = hidden + out
         return hidden
+
+    def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        """Softmax attention of grouped queries over keys; with Gemma 2's soft-capping of the
+        scores (``cap * tanh(score / cap)``), which SDPA cannot do, written out."""
+        if self.attention_softcap is None:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.attention_scale)
+        cap = self.attention_softcap
+        scale = self.attention_scale or self.head_dim ** -0.5
+        scores = torch.tanh(torch.matmul(q, keys.transpose(-1, -2)) * scale / cap) * cap  # HF's order
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits on the CPU, where sampling runs (its generators are CPU ones)."""
         hidden = F.rms_norm(hidden, hidden.shape[-1:], self.final_norm, self.eps)
-        return self.lm_head(hidden).float().cpu()
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF's ``x * cos + rotate_half(x) * sin``, with rotate_half's sign folded into ``sin``."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def _architecture(config: Any) -> str:
-    architectures = getattr(config, "architectures", None) or []
-    if architectures:
-        return architectures[0]
-    return f"{type(config).__name__.removesuffix('Config')}ForCausalLM"
-
-
-def _rotary_embedding_class(config: Any) -> type:
-    """The architecture's own rotary embedding module (it derives the frequencies from the config)."""
-    from transformers import AutoModelForCausalLM
-
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    module = sys.modules[model_class.__module__]
-    return next(value for name, value in vars(module).items() if name.endswith("RotaryEmbedding"))
-
-
-def check_supported(config: Any, max_model_len: int) -> None:
-    """Refuse, by name, what this forward pass would compute wrongly."""
-    architecture = _architecture(config)
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"the LLM engine does not support the architecture '{architecture}'; "
-                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    if config.hidden_act != "silu":
-        raise ValueError(f"the LLM engine supports only the 'silu' activation, not '{config.hidden_act}'")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise ValueError(f"the LLM engine does not support rope type '{rope_type}'; "
-                         f"supported: {', '.join(STATIC_ROPE_TYPES)}")
-    window = getattr(config, "sliding_window", None)
-    if window is not None and window < max_model_len:
-        raise ValueError(f"the model uses sliding-window attention ({window} tokens), which the LLM "
-                         f"engine does not implement; set max_model_len <= {window}")
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and max_model_len > limit:
-        raise ValueError(f"max_model_len {max_model_len} exceeds the model's "
-                         f"max_position_embeddings {limit}")
+        logits = self.lm_head(hidden).float()
+        if self.final_softcap is not None:  # Gemma 2
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.cpu()

@@ -121,6 +121,15 @@ def concatenate(weights: list[Weight]) -> Weight | None:
                       torch.cat([w.zeros for w in weights]))
 
 
+def take_rows(weight: Weight, order: torch.Tensor) -> Weight:
+    """The weight's output rows in ``order`` (whole rows: quantized groups move unchanged)."""
+    if isinstance(weight, Int4Weight):
+        return Int4Weight(weight.q[order], weight.scales[order], weight.zeros[order])
+    if isinstance(weight, Int8Weight):
+        return Int8Weight(weight.q[order], weight.scales[order])
+    return DenseWeight(weight.tensor[order])
+
+
 class DenseLinear:
     """``x @ weight.T + bias`` in the engine's dtype, on the engine's device."""
 

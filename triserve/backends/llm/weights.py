@@ -3,7 +3,9 @@
 Three sources give the same shape: a loaded HF model (tests, and callers that
 already hold one), a safetensors checkpoint folder (read one tensor at a time,
 so quantizing never holds the whole float model), and a GGUF file (its
-quantized blocks kept quantized, see :mod:`.gguf_weights`). The model runner
+quantized blocks kept quantized, see :mod:`.gguf_weights`); a vision-language
+checkpoint's text decoder is seen under the decoder's own names
+(:class:`RenamedWeights`). The model runner
 takes each weight out of ``weights`` as it builds its layers, so the float
 originals are freed as soon as their engine form exists.
 """
@@ -66,3 +68,35 @@ class SafetensorsWeights(MutableMapping):
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+class RenamedWeights(MutableMapping):
+    """The weights whose names start with one of ``prefixes[p]``, seen as ``p`` + the rest."""
+
+    def __init__(self, weights: MutableMapping[str, Any], prefixes: dict[str, tuple[str, ...]]):
+        self._weights = weights
+        self._sources: dict[str, str] = {}
+        for source in weights:
+            for target, options in prefixes.items():
+                prefix = next((option for option in options if source.startswith(option)), None)
+                if prefix is not None:
+                    self._sources[target + source[len(prefix):]] = source
+                    break
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sources
+
+    def __getitem__(self, key: str) -> Any:
+        return self._weights[self._sources[key]]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        raise TypeError("checkpoint weights are read-only")
+
+    def __delitem__(self, key: str) -> None:
+        del self._weights[self._sources.pop(key)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)

@@ -1,0 +1,177 @@
+"""Every architecture the engine runs, from a checkpoint folder, against transformers' generate().
+
+Each model is tiny and random (fixed seed), written to a temporary folder as a
+config.json and safetensors weights, and read back the way the server reads a
+model: its config alone says what to run. Every norm weight is perturbed so that
+a norm missing, misplaced or missing Gemma's ``1 + w`` changes the tokens; the
+initialisation is wider than transformers' default so that the logits are
+peaked enough for the soft-caps to matter. Sliding windows are a few tokens
+long and the prompts longer, and the test first shows that HF's own tokens
+change without the window, so an engine ignoring it cannot pass.
+
+Through the engine, several sequences of different lengths run together with a
+small prefill budget (long prompts prefilled in chunks, also across a window),
+then a second turn reuses the first one's KV from the prefix cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import (AutoConfig, Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+                          Gemma3ForConditionalGeneration, Gemma3TextConfig, GenerationConfig, Glm4Config,
+                          Glm4ForCausalLM, GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from test_llm_engine import TINY, hf_greedy, submit
+from test_llm_quantization import assert_logits_close, dequantized_reference
+from triserve.backends.llm.engine import EngineConfig, LLMEngine
+from triserve.backends.llm.loader import LLMSettings, load_model
+from triserve.backends.llm.quantization import Int4Weight, Int8Weight, quantize
+from triserve.backends.llm.weights import ModelSource, SafetensorsWeights
+
+WINDOW = 10
+HEAD = dict(head_dim=16)  # Gemma and GLM default to 128/256-wide heads
+ARCHITECTURES = {
+    "llama": (LlamaForCausalLM, LlamaConfig, {}),
+    "mistral": (MistralForCausalLM, MistralConfig, dict(sliding_window=WINDOW)),  # every layer
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, {}),
+    "phi3": (Phi3ForCausalLM, Phi3Config, dict(partial_rotary_factor=0.5)),
+    # layer types alternate sliding / full by default; soft-caps small enough to bite
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config, dict(**HEAD, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                                                     attn_logit_softcapping=3.0, final_logit_softcapping=2.0)),
+    # the older config form: sliding_window_pattern 2 gives layers sliding, full; local and
+    # global rope bases differ (10k, 1M)
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig, dict(**HEAD, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                                                         sliding_window_pattern=2)),
+    "glm": (GlmForCausalLM, GlmConfig, dict(**HEAD)),  # rotary on half of each head, interleaved
+    "glm4": (Glm4ForCausalLM, Glm4Config, dict(**HEAD)),
+}
+PROMPTS = [[1, 2, 3], list(range(5, 40)), [(7 * i) % 256 for i in range(50)], [9, 8, 7, 6, 5, 4, 3, 2]]
+
+
+def random_model(name: str) -> torch.nn.Module:
+    """A tiny random model of the architecture, the same on every run, that generates past any EOS."""
+    model_class, config_class, overrides = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    config = config_class(**TINY, **overrides, initializer_range=0.15, pad_token_id=0, tie_word_embeddings=True)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if "norm" in parameter_name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def saved(model: torch.nn.Module, folder) -> ModelSource:
+    """The model written as a checkpoint folder and read back as the loader does (config.json
+    and safetensors, one tensor at a time)."""
+    model.save_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder)
+    return ModelSource(config, SafetensorsWeights(folder), GenerationConfig.from_model_config(config))
+
+
+def without_window(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model (the same layer types, so the same rope bases) with windows longer than any
+    sequence here."""
+    config = copy.deepcopy(model.config)
+    config.sliding_window = 4096
+    other = type(model)(config).eval()
+    other.load_state_dict(model.state_dict())
+    other.generation_config = model.generation_config
+    return other
+
+
+@pytest.fixture
+def engines():
+    started: list[LLMEngine] = []
+
+    def start(source: ModelSource, **settings) -> LLMEngine:
+        engine = LLMEngine(source, EngineConfig(**{"max_model_len": 128, **settings}))
+        engine.start()
+        started.append(engine)
+        return engine
+
+    yield start
+    for engine in started:
+        engine.stop()
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_architecture_equals_hf_generate_batched_and_from_the_prefix_cache(tmp_path, engines, name):
+    model = random_model(name)
+    expected = [hf_greedy(model, prompt, 12) for prompt in PROMPTS]
+    if getattr(model.config, "sliding_window", None):
+        full = without_window(model)
+        assert any(hf_greedy(full, prompt, 12) != tokens for prompt, tokens in zip(PROMPTS, expected)), \
+            "the window changes nothing here: the test would not notice an engine ignoring it"
+    engine = engines(saved(model, tmp_path / name), max_num_seqs=4, max_prefill_tokens=16)
+    assert engine.runner.architecture == ARCHITECTURES[name][0].__name__
+    collectors = [submit(engine, f"r{i}", prompt) for i, prompt in enumerate(PROMPTS)]
+    for prompt, tokens, collector in zip(PROMPTS, expected, collectors):
+        assert collector.final.finish_reason == "length"
+        assert collector.tokens == tokens, f"{name}: prompt of {len(prompt)} tokens"
+
+    conversation = PROMPTS[2] + expected[2] + [11, 12, 13]  # the next turn of the longest one
+    hits = engine.stats()["prefix_cache_hits"]
+    turn2 = submit(engine, "turn2", conversation)
+    assert turn2.final.cached_tokens == len(PROMPTS[2]) + 12 - 1
+    assert engine.stats()["prefix_cache_hits"] == hits + 1
+    assert turn2.tokens == hf_greedy(model, conversation, 12)
+
+
+@pytest.mark.parametrize("name,quantization", [("gemma2", "int8"), ("gemma2", "int4"), ("glm4", "int4")])
+def test_quantized_architecture_computes_its_dequantized_model(name, quantization):
+    """int8/int4 weights of a Gemma 2 (soft-caps, windows, 1 + w norms) and a GLM-4 (rows
+    reordered for its interleaved partial rotary) against the same model with the dequantized
+    weights, run by transformers: within test_llm_quantization's LOGIT_TOLERANCE of the logits'
+    range, over a prompt longer than the window."""
+    model = random_model(name)
+    engine = LLMEngine(model, EngineConfig(max_model_len=128, quantization=quantization))
+    held = {key: quantize(tensor, quantization) if key.endswith("_proj.weight") else tensor
+            for key, tensor in model.state_dict().items() if key != "lm_head.weight"}
+    held["model.embed_tokens.weight"] = Int8Weight.quantize(held["model.embed_tokens.weight"])
+    kind = Int4Weight if quantization == "int4" else Int8Weight
+    assert all(isinstance(w, kind) for key, w in held.items() if key.endswith("_proj.weight"))
+    assert_logits_close(engine, dequantized_reference(model, held), PROMPTS[2])
+
+
+def test_gemma3_vision_language_checkpoint_runs_its_text_decoder(tmp_path, engines):
+    """Gemma 3 4B and larger are Gemma3ForConditionalGeneration: the engine runs their text
+    decoder from the checkpoint (the vision tower's weights are never read) and answers text
+    prompts as transformers' whole model does."""
+    torch.manual_seed(0)
+    text = dict(**TINY, **ARCHITECTURES["gemma3"][2], initializer_range=0.15, pad_token_id=0)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision,
+                                                        mm_tokens_per_image=4)).eval()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if "language_model" in parameter_name and "norm" in parameter_name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    engine = engines(saved(model, tmp_path), max_num_seqs=4, max_prefill_tokens=16)
+    assert engine.runner.architecture == "Gemma3ForConditionalGeneration"
+    collectors = [submit(engine, f"r{i}", prompt) for i, prompt in enumerate(PROMPTS[1:3])]
+    for prompt, collector in zip(PROMPTS[1:3], collectors):
+        assert collector.final and collector.tokens == hf_greedy(model, prompt, 12)
+
+
+def test_an_architecture_the_engine_cannot_run_is_refused_at_load_by_name(tmp_path):
+    """A vision-language model without a text-only path (Llava) is refused from its config,
+    before any weight is read."""
+    config = LlavaConfig()
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.save_pretrained(tmp_path)
+    settings = LLMSettings(tmp_path, EngineConfig(max_model_len=64))
+    with pytest.raises(ValueError, match="does not support the architecture 'LlavaForConditionalGeneration'"):
+        load_model(settings, logging.getLogger("test"))
