@@ -55,11 +55,13 @@ ARCHITECTURES = {
 PROMPTS = [[1, 2, 3], list(range(5, 40)), [(7 * i) % 256 for i in range(50)], [9, 8, 7, 6, 5, 4, 3, 2]]
 
 
-def random_model(name: str) -> torch.nn.Module:
-    """A tiny random model of the architecture, the same on every run, that generates past any EOS."""
+def random_model(name: str, tied: bool = False, spread: float = 0.15) -> torch.nn.Module:
+    """A tiny random model of the architecture, the same on every run, that generates past any EOS.
+    Untied, and with weights of std ``spread``, its greedy tokens vary (a tied random Gemma with
+    wide weights repeats its last token)."""
     model_class, config_class, overrides = ARCHITECTURES[name]
     torch.manual_seed(0)
-    config = config_class(**TINY, **overrides, initializer_range=0.15, pad_token_id=0, tie_word_embeddings=True)
+    config = config_class(**TINY, **overrides, initializer_range=spread, pad_token_id=0, tie_word_embeddings=tied)
     model = model_class(config).eval()
     with torch.no_grad():
         for parameter_name, parameter in model.named_parameters():
@@ -133,7 +135,7 @@ def test_quantized_architecture_computes_its_dequantized_model(name, quantizatio
     reordered for its interleaved partial rotary) against the same model with the dequantized
     weights, run by transformers: within test_llm_quantization's LOGIT_TOLERANCE of the logits'
     range, over a prompt longer than the window."""
-    model = random_model(name)
+    model = random_model(name, tied=True, spread=0.05)  # tied: the quantized embedding is the head
     engine = LLMEngine(model, EngineConfig(max_model_len=128, quantization=quantization))
     held = {key: quantize(tensor, quantization) if key.endswith("_proj.weight") else tensor
             for key, tensor in model.state_dict().items() if key != "lm_head.weight"}
