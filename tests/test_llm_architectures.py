@@ -40,6 +40,9 @@ ARCHITECTURES = {
     "llama": (LlamaForCausalLM, LlamaConfig, {}),
     "mistral": (MistralForCausalLM, MistralConfig, dict(sliding_window=WINDOW)),  # every layer
     "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
+    # layers from max_window_layers on slide: layer 0 full, layer 1 sliding
+    "qwen2-sliding": (Qwen2ForCausalLM, Qwen2Config, dict(use_sliding_window=True, sliding_window=WINDOW,
+                                                          max_window_layers=1)),
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, {}),
     "phi3": (Phi3ForCausalLM, Phi3Config, dict(partial_rotary_factor=0.5)),
     # layer types alternate sliding / full by default; soft-caps small enough to bite

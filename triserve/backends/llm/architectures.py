@@ -11,7 +11,9 @@ that pass plus a few hooks, all fixed at load:
 - from the config itself: the MLP's activation, the attention scale
   (``query_pre_attn_scalar``), attention and final logit soft-capping, the
   sliding window of each layer (``layer_types``, or every layer for Mistral),
-  and the rope frequencies of each layer (Gemma 3: local and global bases).
+  and the rope frequencies of each layer (Gemma 3: local and global bases);
+- a vision-language checkpoint whose text decoder is one of these (Gemma 3 4B+)
+  runs as that decoder (:func:`language_model`): text in, text out.
 
 Rope is applied one way only, HF's ``rotate_half`` over the two halves of a
 head, on tables as wide as a head. Any other layout (partial rotary, GLM's
