@@ -27,6 +27,7 @@ from transformers import (AutoConfig, Gemma2Config, Gemma2ForCausalLM, Gemma3Con
                           MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
+from serverproc import ServerProcess
 from test_llm_engine import TINY, hf_greedy, submit
 from test_llm_quantization import assert_logits_close, dequantized_reference
 from triserve.backends.llm.engine import EngineConfig, LLMEngine
@@ -180,3 +181,57 @@ def test_an_architecture_the_engine_cannot_run_is_refused_at_load_by_name(tmp_pa
     settings = LLMSettings(tmp_path, EngineConfig(max_model_len=64))
     with pytest.raises(ValueError, match="does not support the architecture 'LlavaForConditionalGeneration'"):
         load_model(settings, logging.getLogger("test"))
+
+
+SERVED = ("gemma2", "glm4")
+TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer for the tiny vocabulary, one byte per token: token ``b`` is byte ``b``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    pieces = Tokenizer(models.BPE({char: byte for byte, char in bytes_to_unicode().items()}, []))
+    pieces.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pieces.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=pieces, chat_template=TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def architecture_server(tmp_path_factory):
+    """A real server whose repository holds a Gemma 2 and a GLM-4 checkpoint folder (config.json,
+    safetensors, tokenizer) served by the llm backend, as a user would lay them out."""
+    repository = tmp_path_factory.mktemp("architectures")
+    tokenizer = byte_tokenizer()
+    for name in SERVED:
+        checkpoint = repository / name / "1"  # the version folder holds the checkpoint
+        random_model(name).save_pretrained(checkpoint)
+        tokenizer.save_pretrained(checkpoint)
+        settings = dict(model="1", dtype="float32", max_model_len="128", max_num_seqs="4",
+                        kv_cache_mb="8", max_prefill_tokens="16")
+        (repository / name / "config.pbtxt").write_text(
+            f'name: "{name}"\nbackend: "llm"\nmax_batch_size: 0\n' + "".join(
+                f'parameters: {{ key: "{key}", value: {{ string_value: "{value}" }} }}\n'
+                for key, value in settings.items()))
+    with ServerProcess(repository, ready_timeout=90) as server:
+        yield server
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_a_checkpoint_folder_is_served_and_answers_as_hf_generate(architecture_server, name):
+    """Through the OpenAI API, greedy: the reply's tokens (their bytes, from logprobs) are
+    transformers' for the same rendered prompt, which is longer than the Gemma 2 window."""
+    import openai
+
+    messages = [{"role": "user", "content": "Tell me about sliding windows, soft caps and rotary layouts."}]
+    prompt = byte_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    expected = hf_greedy(random_model(name), prompt, 12)
+    with openai.OpenAI(base_url=f"{architecture_server.base_url}/v1", api_key="unused", max_retries=0,
+                       timeout=60) as client:
+        reply = client.chat.completions.create(model=name, messages=messages, max_tokens=12, temperature=0,
+                                               logprobs=True)
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == 12
+    assert [entry.bytes for entry in reply.choices[0].logprobs.content] == [[token] for token in expected]
