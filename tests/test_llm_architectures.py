@@ -4,14 +4,18 @@ Each model is tiny and random (fixed seed), written to a temporary folder as a
 config.json and safetensors weights, and read back the way the server reads a
 model: its config alone says what to run. Every norm weight is perturbed so that
 a norm missing, misplaced or missing Gemma's ``1 + w`` changes the tokens; the
-initialisation is wider than transformers' default so that the logits are
-peaked enough for the soft-caps to matter. Sliding windows are a few tokens
-long and the prompts longer, and the test first shows that HF's own tokens
-change without the window, so an engine ignoring it cannot pass.
+weights are wider than transformers' default and the head untied, so that greedy
+tokens vary and the soft-caps bite. Sliding windows are 10 tokens and the
+prompts up to 50, and the test first shows that HF's own tokens change without
+the window, so an engine ignoring it cannot pass.
 
 Through the engine, several sequences of different lengths run together with a
 small prefill budget (long prompts prefilled in chunks, also across a window),
-then a second turn reuses the first one's KV from the prefix cache.
+then a second turn reuses the first one's KV from the prefix cache. Quantized
+weights are checked against their dequantized model (test_llm_quantization's
+tolerance), a vision-language Gemma 3 checkpoint runs as its text decoder, other
+multimodal configs are refused by name, and a real server serves two of these
+folders through the OpenAI API.
 """
 
 from __future__ import annotations
