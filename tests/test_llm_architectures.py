@@ -137,6 +137,17 @@ def test_architecture_equals_hf_generate_batched_and_from_the_prefix_cache(tmp_p
     assert turn2.tokens == hf_greedy(model, conversation, 12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU path runs where torch sees one")
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "glm4"])
+def test_architecture_on_a_gpu_equals_hf_generate(tmp_path, engines, name):
+    """Windows, soft-caps, both rope bases and the reordered GLM rows on the GPU (float32; HF on the CPU)."""
+    model = random_model(name)
+    engine = engines(saved(model, tmp_path / name), max_num_seqs=4, max_prefill_tokens=16, device="cuda:0")
+    collectors = [submit(engine, f"g{i}", prompt) for i, prompt in enumerate(PROMPTS)]
+    for prompt, collector in zip(PROMPTS, collectors):
+        assert collector.final and collector.tokens == hf_greedy(model, prompt, 12)
+
+
 @pytest.mark.parametrize("name,quantization", [("gemma2", "int8"), ("gemma2", "int4"), ("glm4", "int4")])
 def test_quantized_architecture_computes_its_dequantized_model(name, quantization):
     """int8/int4 weights of a Gemma 2 (soft-caps, windows, 1 + w norms) and a GLM-4 (rows
