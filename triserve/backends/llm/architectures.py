@@ -11,7 +11,8 @@ that pass plus a few hooks, all fixed at load:
 - from the config itself: the MLP's activation, the attention scale
   (``query_pre_attn_scalar``), attention and final logit soft-capping, the
   sliding window of each layer (``layer_types``, or every layer for Mistral),
-  and the rope frequencies of each layer (Gemma 3: local and global bases);
+  and the rope frequencies of each layer (Gemma 3: local and global bases;
+  SmolLM3: none on some layers, an identity table);
 - a vision-language checkpoint whose text decoder is one of these (Gemma 3 4B+)
   runs as that decoder (:func:`language_model`): text in, text out.
 
@@ -63,6 +64,7 @@ FAMILIES = {
     "Qwen2ForCausalLM": LLAMA,
     "Qwen3ForCausalLM": LLAMA,
     "Phi3ForCausalLM": LLAMA,
+    "SmolLM3ForCausalLM": LLAMA,  # every 4th layer without rope (no_rope_layers)
     "Gemma2ForCausalLM": GEMMA,
     "Gemma3ForCausalLM": GEMMA,
     "GlmForCausalLM": GLM,
@@ -153,6 +155,8 @@ def layer_windows(config: Any, max_model_len: int) -> list[int | None]:
     """Each layer's sliding window (a query sees the ``window`` positions up to its own), or None
     for full attention; a window as long as the context changes nothing and is dropped."""
     window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2/3, SmolLM3: the switch
+        window = None
     layer_types = getattr(config, "layer_types", None)
     windows = []
     for index in range(config.num_hidden_layers):
@@ -165,7 +169,8 @@ def rope_tables(config: Any, head_dim: int, length: int,
                 interleaved: bool) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int], torch.Tensor | None]:
     """The cos/sin tables (float32, ``[length, head_dim]``, sin's first half negated for
     :func:`apply_rope`), which table each layer uses, and the order of a head's q/k dimensions
-    that brings the checkpoint's rotary layout to the tables' (None: already the same)."""
+    that brings the checkpoint's rotary layout to the tables' (None: already the same). A layer
+    without rope (SmolLM3's ``no_rope_layers`` 0) gets the identity table (cos 1, sin 0)."""
     rotary_emb = _rotary_embedding_class(config)(config=config)
     layer_types = getattr(rotary_emb, "layer_types", None)
     if isinstance(layer_types, list) and hasattr(rotary_emb, f"{layer_types[0]}_inv_freq"):  # Gemma 3
@@ -183,6 +188,10 @@ def rope_tables(config: Any, head_dim: int, length: int,
         cos[:, :pairs] = cos[:, half : half + pairs] = freqs.cos() * float(scaling)
         sin[:, :pairs], sin[:, half : half + pairs] = -freqs.sin() * float(scaling), freqs.sin() * float(scaling)
         tables.append((cos, sin))
+    uses_rope = getattr(config, "no_rope_layers", None)
+    if uses_rope is not None and not all(uses_rope):
+        tables.append((torch.ones(length, head_dim), torch.zeros(length, head_dim)))
+        layer_table = [table if rope else len(tables) - 1 for table, rope in zip(layer_table, uses_rope)]
     return tables, layer_table, _head_order(head_dim, 2 * len(kinds[0][0]), interleaved)
 
 
