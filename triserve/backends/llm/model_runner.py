@@ -310,19 +310,24 @@ class ModelRunner:
         contiguous = slots == list(range(batch))
         key_positions = torch.arange(length)[None, :]
         causal = key_positions <= position[:, None]
-        masks = {window: (causal if window is None else causal & (key_positions > position[:, None] - window))[
-            :, None, None, :] for window in self.windows}
+        # per window: the first key any row sees, and each row's mask over the keys from there
+        masks = {}
+        for window in self.windows:
+            first = 0 if window is None else max(0, min(positions) - window + 1)
+            visible = causal if window is None else causal & (key_positions > position[:, None] - window)
+            masks[window] = (first, visible[:, None, None, first:])
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = cache.keys[index], cache.values[index]
             keys[rows, :, position] = k
             values[rows, :, position] = v
+            first, mask = masks[self.layers[index].window]
             if contiguous:
-                keys, values = keys[:batch, :, :length], values[:batch, :, :length]
+                keys, values = keys[:batch, :, first:length], values[:batch, :, first:length]
             else:
-                keys, values = keys[rows, :, :length], values[rows, :, :length]
+                keys, values = keys[rows, :, first:length], values[rows, :, first:length]
             grouped = q.view(batch, self.num_kv_heads, self.group, self.head_dim)
-            out = self._attention(grouped, keys, values, masks[self.layers[index].window])
+            out = self._attention(grouped, keys, values, mask)
             return out.reshape(batch, -1)
 
         return self._logits(self._forward(torch.tensor(token_ids), position, attend))
