@@ -25,7 +25,7 @@ import logging
 
 import pytest
 import torch
-from transformers import (AutoConfig, Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+from transformers import (AutoConfig, GemmaConfig, GemmaForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
                           Gemma3ForConditionalGeneration, Gemma3TextConfig, GenerationConfig, Glm4Config,
                           Glm4ForCausalLM, GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                           MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
@@ -51,6 +51,7 @@ ARCHITECTURES = {
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, {}),
     "phi3": (Phi3ForCausalLM, Phi3Config, dict(partial_rotary_factor=0.5)),
     "smollm3": (SmolLM3ForCausalLM, SmolLM3Config, dict(no_rope_layer_interval=2)),  # layer 1 without rope
+    "gemma": (GemmaForCausalLM, GemmaConfig, dict(**HEAD)),
     # layer types alternate sliding / full by default; soft-caps small enough to bite
     "gemma2": (Gemma2ForCausalLM, Gemma2Config, dict(**HEAD, query_pre_attn_scalar=24, sliding_window=WINDOW,
                                                      attn_logit_softcapping=3.0, final_logit_softcapping=2.0)),

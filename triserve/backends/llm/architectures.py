@@ -52,6 +52,7 @@ class Family:
 
 
 LLAMA = Family()
+GEMMA1 = Family(norm_offset=1.0, scaled_embedding=True)
 GEMMA = Family(pre_mlp_norm="pre_feedforward_layernorm", attention_output_norm="post_attention_layernorm",
                mlp_output_norm="post_feedforward_layernorm", norm_offset=1.0, scaled_embedding=True)
 GLM = Family(interleaved_rope=True)
@@ -65,6 +66,7 @@ FAMILIES = {
     "Qwen3ForCausalLM": LLAMA,
     "Phi3ForCausalLM": LLAMA,
     "SmolLM3ForCausalLM": LLAMA,  # every 4th layer without rope (no_rope_layers)
+    "GemmaForCausalLM": GEMMA1,
     "Gemma2ForCausalLM": GEMMA,
     "Gemma3ForCausalLM": GEMMA,
     "GlmForCausalLM": GLM,

@@ -1,5 +1,5 @@
 """Our own batched forward pass for decoder-only chat models (Llama, Mistral, Qwen2, Qwen3, Phi-3,
-SmolLM3, Gemma 2, Gemma 3, GLM, GLM-4; what differs between them is in :mod:`.architectures`).
+SmolLM3, Gemma, Gemma 2, Gemma 3, GLM, GLM-4; what differs between them is in :mod:`.architectures`).
 
 transformers' ``generate`` decodes one request at a time with its own cache
 objects; the engine instead needs one forward for many sequences, each at its
