@@ -93,10 +93,15 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def architecture_of(config: Any) -> str:
+    """The config's ``architectures`` entry, or (a config made in code) transformers' causal-LM
+    class for its type."""
     architectures = getattr(config, "architectures", None) or []
     if architectures:
         return architectures[0]
-    return f"{type(config).__name__.removesuffix('Config')}ForCausalLM"
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return model_class.__name__ if model_class is not None else type(config).__name__.removesuffix("Config")
 
 
 def family_of(config: Any) -> Family:
