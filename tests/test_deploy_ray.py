@@ -140,36 +140,97 @@ def test_instances_are_replicas_spread_over_both_nodes(cluster, predictor):
         replicas = _replicas(model)
         assert len(replicas) == 2, model
         assert len({actor["node_id"] for actor in replicas}) == 2, f"{model}: both replicas on one node"
-    state = predictor.status() if hasattr(predictor, "status") else None
-    assert state is None
     from triserve.deploy import status
 
     assert status()[NAME]["models"]["chat_echo"]["replicas"] == {"RUNNING": 2}
 
 
-def test_nothing_listens_beyond_loopback_except_serve_replica_grpc(predictor):
-    """Ray and triserve listen on 127.0.0.1; Serve's inter-replica gRPC server binds [::]:0
-    unconditionally (ray/serve/_private/replica.py) -- the one exception Serve cannot avoid."""
+def test_nothing_listens_beyond_loopback_except_serve_replica_grpc(cluster, predictor):
+    """Every listening socket of every Ray process of both nodes (GCS, raylets, workers,
+    agents, dashboard, the replicas and the model instance processes they start) and of
+    this driver is on 127.0.0.1 -- the same check as ``ss -ltnp`` -- except Serve's
+    inter-replica gRPC server, which every replica binds to [::]:0 unconditionally
+    (ray/serve/_private/replica.py): the one exception Serve cannot avoid."""
     import psutil
 
-    ours = {actor["pid"] for model in (*predictor.models, "frontdoor") for actor in _replicas(model)}
-    loopback = set()
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status != psutil.CONN_LISTEN or conn.pid is None:
-            continue
+    ray_cluster, worker = cluster
+    roots = [psutil.Process(info.process.pid) for node in (ray_cluster.head_node, worker)
+             for infos in node.all_processes.values() for info in infos if info.process is not None]
+    ours = {process.pid: process for root in [*roots, psutil.Process()]
+            for process in [root, *root.children(recursive=True)]}
+    replicas = {actor["pid"] for model in (*predictor.models, "frontdoor") for actor in _replicas(model)}
+    assert replicas <= ours.keys()
+    listening = [conn for conn in psutil.net_connections(kind="tcp")
+                 if conn.status == psutil.CONN_LISTEN and conn.pid in ours]
+    beyond = []
+    for conn in listening:
         host = conn.laddr.ip
-        if host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") or host.startswith("::ffff:127."):
-            loopback.add(conn.laddr.port)
+        if host.startswith("127.") or host in ("::1",) or host.startswith("::ffff:127."):
             continue
-        try:
-            title = " ".join(psutil.Process(conn.pid).cmdline())
-        except psutil.NoSuchProcess:
-            continue
-        if "ray" in title or "gcs_server" in title or conn.pid in ours:
-            assert conn.pid in ours and host in ("::", "0.0.0.0") and "ServeReplica" in title, (
-                f"Ray listens beyond loopback: {host}:{conn.laddr.port} {title[:120]}")
+        if conn.pid in replicas and host == "::":
+            continue  # Serve's inter-replica gRPC server
+        beyond.append(f"{host}:{conn.laddr.port} {' '.join(ours[conn.pid].cmdline())[:120]}")
+    assert not beyond, f"listening beyond loopback: {beyond}"
+    assert len(listening) > 10, "the check found too few of Ray's sockets to mean anything"
+    loopback_ports = {conn.laddr.port for conn in listening}
     for port in (predictor.http_port, predictor.grpc_port, predictor.metrics_port):
-        assert port in loopback, port
+        assert port in loopback_ports, port
+
+
+def _front_door_counts(predictor, model: str) -> tuple[int, int, float]:
+    """Successful requests of ``model`` as the front door reports them: HTTP statistics,
+    gRPC ModelStatistics, and the /metrics counter (which must be one series, not one per replica)."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with httpclient.InferenceServerClient(f"127.0.0.1:{predictor.http_port}") as client:
+        (http_stats,) = client.get_inference_statistics(model)["model_stats"]
+    with grpcclient.InferenceServerClient(predictor.grpc_url) as client:
+        (grpc_stats,) = client.get_inference_statistics(model).model_stats
+    with urllib.request.urlopen(predictor.metrics_url, timeout=30) as page:
+        text = page.read().decode()
+    series = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+              if sample.name == "nv_inference_request_success" and sample.labels.get("model") == model]
+    assert len(series) == 1, f"nv_inference_request_success of {model}: {len(series)} series"
+    return http_stats["inference_stats"]["success"]["count"], grpc_stats.inference_stats.success.count, series[0]
+
+
+def _per_replica_counts(model: str) -> dict[str, int]:
+    """Successful requests of ``model`` on each of its replicas, asked of each one."""
+    from ray import serve
+
+    answers = serve.get_deployment_handle(model, app_name=NAME).broadcast("figures").results(timeout_s=60)
+    return {answer["replica"]: sum(row["inference_stats"]["success"]["count"] for row in answer["statistics"])
+            for answer in answers}
+
+
+def test_statistics_and_metrics_sum_every_replica(predictor):
+    import tritonclient.http as httpclient
+
+    before = _per_replica_counts("chat_echo")
+    assert len(before) == 2
+    _wait(lambda: _front_door_counts(predictor, "chat_echo") == (sum(before.values()),) * 3, 30,
+          "front door statistics settled")
+    sent = 40
+
+    def send(count):
+        with httpclient.InferenceServerClient(f"127.0.0.1:{predictor.http_port}") as client:
+            for _ in range(count):
+                client.infer("chat_echo", _echo_inputs(httpclient, "count me"))
+
+    threads = [threading.Thread(target=send, args=(sent // 4,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = _per_replica_counts("chat_echo")
+    assert after.keys() == before.keys()
+    assert all(after[r] > before[r] for r in after), f"the requests did not reach both replicas: {before} -> {after}"
+    assert sum(after.values()) - sum(before.values()) == sent
+    expected = (sum(after.values()),) * 3  # HTTP stats, gRPC stats, /metrics: the sum over both replicas
+    _wait(lambda: _front_door_counts(predictor, "chat_echo") == expected, 30,
+          f"front door statistics and metrics showing {expected[0]}")
 
 
 def test_seed_grpc_request_and_sdk_predict(predictor):
@@ -405,47 +466,70 @@ def test_scale_down_and_up_on_the_live_deployment(cluster, predictor):
     assert over_http.predict("again", model="chat_echo")[0].startswith("echo: again")
 
 
-@pytest.mark.skip(reason="known failure, issue 10 left open: `triserve deploy` run as a second Ray driver "
-                         "against a running cluster times out waiting for readiness ('Timed out resolving to "
-                         "ObjectRef'); the same commands work against a cluster `triserve deploy` starts itself")
-def test_cli_deploy_status_refuse_and_undeploy(cluster, predictor):
+def test_cli_deploys_a_bls_pipeline_joining_the_local_cluster(cluster, predictor, tmp_path):
+    """``triserve deploy`` without --endpoint (TritonModel.deploy(endpoint=None)) joins the
+    running local cluster; a model's BLS calls reach another model's deployment."""
     address = cluster[0].address
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
 
-    def triserve(*args, check=True):
-        result = subprocess.run([sys.executable, "-m", "triserve", *args, "--endpoint", address],
-                                capture_output=True, text=True, timeout=300, env=env)
+    def triserve(*args, check=True, endpoint=True):
+        command = [sys.executable, "-m", "triserve", *args] + (["--endpoint", address] if endpoint else [])
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
         assert not check or result.returncode == 0, result.stderr[-3000:]
         return result
 
+    repository = tmp_path / "pipeline"
+    repository.mkdir()
+    for model in ("bls_caller", "identity_fp32"):
+        (repository / model).symlink_to(TESTS / "model_repository" / model)
     http_port = free_port()
-    deployed = triserve("deploy", str(TESTS / "model_repository" / "chat_echo"), "--name", "cli-echo",
-                        "--cpu", "0.25", "--http-port", str(http_port), "--grpc-port", str(free_port()),
-                        "--metrics-port", str(free_port()))
+    deployed = triserve("deploy", str(repository), "--name", "cli-bls", "--cpu", "0.25",
+                        "--http-port", str(http_port), "--grpc-port", str(free_port()),
+                        "--metrics-port", str(free_port()), endpoint=False)
     endpoints = json.loads(deployed.stdout)
-    assert endpoints["http"] == f"http://127.0.0.1:{http_port}" and endpoints["chat_model"] == "chat_echo"
-    with urllib.request.urlopen(f"{endpoints['http']}/v2/health/ready", timeout=30) as page:
-        assert page.status == 200
-    state = json.loads(triserve("status", "cli-echo").stdout)
-    assert state["cli-echo"]["models"]["chat_echo"]["replicas"] == {"RUNNING": 1}
-    again = triserve("deploy", str(TESTS / "model_repository" / "chat_echo"), "--name", "cli-echo",
-                     check=False)
+    assert endpoints["http"] == f"http://127.0.0.1:{http_port}"
+    assert endpoints["models"] == ["bls_caller", "identity_fp32"] and endpoints["chat_model"] is None
+    state = json.loads(triserve("status", "cli-bls").stdout)
+    assert {m: s["replicas"] for m, s in state["cli-bls"]["models"].items()} == {
+        "bls_caller": {"RUNNING": 1}, "identity_fp32": {"RUNNING": 1}}
+
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(f"127.0.0.1:{http_port}") as client:
+        tensor = httpclient.InferInput("INPUT0", [3], "FP32")
+        tensor.set_data_from_numpy(np.array([1.0, 2.0, 3.0], dtype=np.float32))
+        result = client.infer("bls_caller", [tensor])
+        assert result.as_numpy("SYNC").tolist() == [1.0, 2.0, 3.0]
+        assert result.as_numpy("ASYNC").tolist() == [2.0, 3.0, 4.0]
+        # both BLS calls ran on identity_fp32's own replica, counted there
+        _wait(lambda: client.get_inference_statistics("identity_fp32")["model_stats"][0]
+              ["inference_stats"]["success"]["count"] == 2, 30, "identity_fp32 counting the BLS calls")
+
+    again = triserve("deploy", str(repository), "--name", "cli-bls", check=False)
     assert again.returncode == 1 and "exists already" in again.stderr
-    triserve("undeploy", "cli-echo")
-    _wait(lambda: not _replicas("chat_echo", "cli-echo") and not _replicas("frontdoor", "cli-echo"),
-          60, "cli-echo actors gone")
-    missing = triserve("undeploy", "cli-echo", check=False)
-    assert missing.returncode == 1 and "no deployment named 'cli-echo'" in missing.stderr
+    triserve("undeploy", "cli-bls")
+    _wait(lambda: not [m for m in ("bls_caller", "identity_fp32", "frontdoor") if _replicas(m, "cli-bls")],
+          60, "cli-bls actors gone")
+    missing = triserve("undeploy", "cli-bls", check=False)
+    assert missing.returncode == 1 and "no deployment named 'cli-bls'" in missing.stderr
 
 
-def test_undeploy_leaves_no_actor_and_closes_the_ports(predictor):
+def test_undeploy_leaves_no_actor_no_process_and_closes_the_ports(predictor):
+    import psutil
     from ray.util.state import list_actors
 
     from triserve.deploy import TritonModel
 
+    replicas = [psutil.Process(actor["pid"]) for model in (*predictor.models, "frontdoor")
+                for actor in _replicas(model)]
+    processes = replicas + [child for replica in replicas for child in replica.children(recursive=True)]
+    assert len(processes) > len(replicas), "no model instance process found under the replicas"
     TritonModel(NAME).undeploy()
     _wait(lambda: not [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
                        if a["class_name"].startswith(f"ServeReplica:{NAME}:")], 60, "replicas gone")
+    _wait(lambda: not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+          60, "the replicas' processes and their model instance processes gone")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", predictor.http_port), timeout=5).close()
     assert TritonModel(NAME).status() == {"status": "NOT_DEPLOYED"}

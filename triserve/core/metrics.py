@@ -9,7 +9,7 @@ costs nothing extra for metrics.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import Metric
@@ -111,3 +111,32 @@ _INSTANCE_RESTARTS = Counter(
 def count_instance_restart(model: str, version: int) -> None:
     """One restart of a dead instance process of ``model`` ``version``."""
     _INSTANCE_RESTARTS.labels(model=model, version=str(version)).inc()
+
+
+def merge_families(groups: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """The metric families of several instances of the same models (replicas of a cluster
+    deployment) as one set: samples with the same name and labels are added up (counters,
+    histogram buckets, and the gauges here, which all count things: sequences, bytes,
+    requests), except ``*_created`` timestamps, of which the earliest is kept."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple, list]] = {}
+    for group in groups:
+        for family in group:
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type,
+                                               family.unit)
+                values[family.name] = {}
+            samples = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                entry = samples.get(key)
+                if entry is None:
+                    samples[key] = [sample.name, dict(sample.labels), sample.value]
+                elif sample.name.endswith("_created"):
+                    entry[2] = min(entry[2], sample.value)
+                else:
+                    entry[2] += sample.value
+    for name, family in families.items():
+        for sample_name, labels, value in values[name].values():
+            family.add_sample(sample_name, labels, value)
+    return list(families.values())

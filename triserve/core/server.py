@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterable
 
 import triserve
-from triserve.core.backend import Lifecycle
+from triserve.core.backend import CoreClient, Lifecycle
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.flow import ResponseBuffer
 from triserve.core.model import ModelVersion
@@ -35,12 +35,16 @@ EXTENSIONS = [
 
 class _InternalClient:
     """The core as backends see it (BLS): requests of requests already running are still
-    taken while the server drains at shutdown."""
+    taken while the server drains at shutdown. A model this server has not loaded goes to
+    ``peers`` when there are any (the other models of a cluster deployment)."""
 
-    def __init__(self, server: "InferenceServer"):
+    def __init__(self, server: "InferenceServer", peers: CoreClient | None = None):
         self._server = server
+        self._peers = peers
 
     def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        if self._peers is not None and request.model_name not in self._server.model_names():
+            return self._peers.stream(request)
         return self._server._stream(request)
 
 
@@ -48,12 +52,13 @@ class InferenceServer:
     def __init__(self, repository: Path, model_control_mode: str = "none",
                  load_models: Iterable[str] = (), drain_timeout: float = 30.0,
                  strict_readiness: bool = True, lifecycle: Lifecycle = Lifecycle(),
-                 allowed_roots: Iterable[Path] = (), stream_stall_timeout: float = 60.0):
+                 allowed_roots: Iterable[Path] = (), stream_stall_timeout: float = 60.0,
+                 peers: CoreClient | None = None):
         self.repository = Path(repository)
         self.model_control_mode = ModelControlMode(model_control_mode)
         self._startup_models = list(load_models)
         self.drain_timeout = drain_timeout
-        self._models = ModelRepository(self.repository, _InternalClient(self), drain_timeout,
+        self._models = ModelRepository(self.repository, _InternalClient(self, peers), drain_timeout,
                                        lifecycle, tuple(Path(root) for root in allowed_roots))
         self._strict_readiness = strict_readiness
         self.stream_stall_timeout = stream_stall_timeout

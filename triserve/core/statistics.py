@@ -116,3 +116,47 @@ class ModelStatistics:
             ],
             "memory_usage": [],
         }
+
+
+def merge_statistics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``model_stats`` entries of several instances of the same models (replicas of a cluster
+    deployment) summed into one entry per model version: counts and durations added, batch
+    sizes matched, ``last_inference`` the latest."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["name"], row["version"])
+        total = merged.get(key)
+        if total is None:
+            merged[key] = _copy(row)
+            continue
+        total["last_inference"] = max(total["last_inference"], row["last_inference"])
+        total["inference_count"] += row["inference_count"]
+        total["execution_count"] += row["execution_count"]
+        _add_durations(total["inference_stats"], row["inference_stats"])
+        for reason, durations in row.get("response_stats", {}).items():
+            _add_durations(total["response_stats"].setdefault(reason, {}), durations)
+        batches = {batch["batch_size"]: batch for batch in total["batch_stats"]}
+        for batch in row["batch_stats"]:
+            if batch["batch_size"] in batches:
+                _add_durations(batches[batch["batch_size"]], batch)
+            else:
+                batches[batch["batch_size"]] = _copy(batch)
+        total["batch_stats"] = [batches[size] for size in sorted(batches)]
+        total["memory_usage"] = total["memory_usage"] + list(row["memory_usage"])
+    return [merged[key] for key in sorted(merged, key=lambda k: (k[0], int(k[1])))]
+
+
+def _copy(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: _copy(value) if isinstance(value, dict)
+            else [_copy(item) if isinstance(item, dict) else item for item in value]
+            if isinstance(value, list) else value
+            for key, value in row.items()}
+
+
+def _add_durations(total: dict[str, Any], more: dict[str, Any]) -> None:
+    """Add ``{"count", "ns"}`` durations by name (other keys, such as batch_size, are kept)."""
+    for name, duration in more.items():
+        if isinstance(duration, dict):
+            into = total.setdefault(name, {"count": 0, "ns": 0})
+            into["count"] += duration["count"]
+            into["ns"] += duration["ns"]

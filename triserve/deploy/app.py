@@ -76,7 +76,7 @@ def build(spec: DeploySpec) -> Application:
             max_constructor_retry_count=CONSTRUCTOR_RETRIES,
             **spec.replicas(),
         )
-        handles[model] = deployment.bind(str(spec.repository), model)
+        handles[model] = deployment.bind(str(spec.repository), model, spec.models)
     options = {"model_repository": str(spec.repository), "host": spec.host,
                "http_port": spec.http_port, "grpc_port": spec.grpc_port,
                "metrics_port": spec.metrics_port, "chatglm_model": spec.chatglm_model}

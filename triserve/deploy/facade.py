@@ -4,12 +4,17 @@ The front door runs triserve's unchanged frontends over this facade
 (:class:`triserve.core.api.Core`). It routes each request by model name to that
 model's deployment; Serve picks the replica. What a frontend reads synchronously
 (readiness, statistics, metrics) comes from a snapshot a background task refreshes
-every ``POLL_S`` seconds, so no frontend call blocks on the cluster.
+every ``POLL_S`` seconds, so no frontend call blocks on the cluster. Statistics and
+metrics are the sum over every live replica: each round asks all replicas of each
+model at once (``DeploymentHandle.broadcast``).
 
 Faults: a unary request whose replica died (or became unreachable) is sent again
 to a live replica until ``RETRY_S`` has passed; a stream is retried the same way
 until its first response, and a stream cut later ends with an UNAVAILABLE error
 response naming what happened (its text so far was already sent: it is not replayed).
+
+:class:`PeerModels` is the same routing for a replica's own BLS calls to the other
+models of its deployment.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -27,14 +32,17 @@ from tritonclient.grpc import model_config_pb2
 
 import triserve
 from triserve.core.errors import ErrorCode, InferError
+from triserve.core.metrics import merge_families
 from triserve.core.server import EXTENSIONS
+from triserve.core.statistics import merge_statistics
 from triserve.core.types import InferRequest, InferResponse
 
 logger = logging.getLogger("triserve")
 
 POLL_S = 0.5  # how often readiness, statistics and metrics are refreshed
 RETRY_S = 60.0  # how long a request whose replica died is retried on others
-FIGURES_TIMEOUT_S = 5.0  # a replica that does not report its statistics in time is skipped
+FIGURES_TIMEOUT_S = 5.0  # a model whose replicas do not all report in time keeps its last figures
+FIGURES_STALE_S = 5.0  # a replica not heard from for this long (stopped, killed) no longer counts
 _REPLICA_GONE = (RayActorError, ActorUnavailableError)
 
 
@@ -72,13 +80,14 @@ def _cause(exc: RayTaskError) -> BaseException:
 
 
 class _Families:
-    """A ``collect()``-able view of the metric families last gathered from the replicas."""
+    """A ``collect()``-able view of the metric families last gathered from the replicas,
+    summed over them when read."""
 
-    def __init__(self):
-        self.families: list = []
+    def __init__(self, replica_families: Callable[[], Iterable[list]]):
+        self._replica_families = replica_families
 
     def collect(self) -> list:
-        return self.families
+        return merge_families(self._replica_families())
 
 
 class ClusterCore:
@@ -89,8 +98,10 @@ class ClusterCore:
         self._handles = handles
         self._models: dict[str, list[RemoteModel]] = {}
         self._running: dict[str, int] = {}
-        self._statistics: dict[str, list[dict[str, Any]]] = {}
-        self.metric_families = _Families()
+        # the latest figures of each replica: tag -> (when, model, {statistics, families})
+        self._figures: dict[str, tuple[float, str, dict[str, Any]]] = {}
+        self.metric_families = _Families(
+            lambda: [answer["families"] for _, _, answer in self._figures.values()])
         self._poller: asyncio.Task | None = None
         self._stopping = False
 
@@ -139,30 +150,25 @@ class ClusterCore:
         self._running = running
 
     async def _refresh_figures(self) -> None:
-        """Statistics and metric families of one replica per model (each call bounded)."""
+        """Statistics and metric families of every replica of every model, summed."""
         names = [name for name in self._handles if self._running.get(name, 0) > 0]
 
-        async def bounded(call):
-            return await asyncio.wait_for(call, FIGURES_TIMEOUT_S)
+        async def every_replica(name: str) -> list:
+            response = self._handles[name].broadcast("figures")
+            return await response.results_async(timeout_s=FIGURES_TIMEOUT_S, return_exceptions=True)
 
-        results = await asyncio.gather(
-            *(bounded(self._handles[name].statistics.remote()) for name in names),
-            *(bounded(self._handles[name].metric_families.remote()) for name in names),
-            return_exceptions=True)
-        families: dict[str, Any] = {}
-        for name, stats in zip(names, results[:len(names)]):
-            if not isinstance(stats, BaseException):
-                self._statistics[name] = stats
-        for replica_families in results[len(names):]:
-            if isinstance(replica_families, BaseException):
+        results = await asyncio.gather(*(every_replica(name) for name in names), return_exceptions=True)
+        now = time.monotonic()
+        for name, answers in zip(names, results):
+            if isinstance(answers, BaseException):
+                logger.debug("model '%s': no figures this round (%s)", name, answers)
                 continue
-            for family in replica_families:
-                merged = families.get(family.name)
-                if merged is None:
-                    families[family.name] = family
-                else:
-                    merged.samples.extend(family.samples)
-        self.metric_families.families = list(families.values())
+            for answer in answers:
+                if not isinstance(answer, BaseException):
+                    self._figures[answer["replica"]] = (now, name, answer)
+        for replica, (heard, _, _) in list(self._figures.items()):
+            if now - heard > FIGURES_STALE_S:
+                del self._figures[replica]
 
     def running_replicas(self, name: str) -> int:
         return self._running.get(name, 0)
@@ -226,7 +232,8 @@ class ClusterCore:
             names = [name]
         else:
             names = sorted(self._models)
-        rows = [row for n in names for row in self._statistics.get(n, [])]
+        rows = merge_statistics([row for _, model, answer in self._figures.values() if model in names
+                                 for row in answer["statistics"]])
         return [row for row in rows if not version or row.get("version") == version]
 
     def _handle(self, request: InferRequest) -> DeploymentHandle:
@@ -234,54 +241,92 @@ class ClusterCore:
         return self._handles[request.model_name]
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        handle = self._handle(request)
-        deadline = time.monotonic() + RETRY_S
-        while True:
-            try:
-                return await handle.infer.remote(request)
-            except RayTaskError as exc:
-                raise _cause(exc) from None
-            except _REPLICA_GONE as exc:
-                if time.monotonic() > deadline:
-                    raise InferError.unavailable(
-                        f"model '{request.model_name}': no replica answered for {RETRY_S:.0f} s "
-                        f"({type(exc).__name__})") from None
-                logger.warning("model '%s': a replica went away (%s); sending the request again",
-                               request.model_name, type(exc).__name__)
-                await asyncio.sleep(0.05)
+        return await infer_through(self._handle(request), request)
 
-    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
-        handle = self._handle(request).options(stream=True)
-        deadline = time.monotonic() + RETRY_S
-        while True:
-            responses = handle.stream.remote(request)
-            sent = 0
-            try:
-                async for response in responses:
-                    sent += 1
-                    yield response
-                    if response.final:
-                        return
-                return
-            except RayTaskError as exc:
-                error = _cause(exc)
-                if not sent:
-                    raise error from None
-                yield InferResponse(model_name=request.model_name, model_version=request.model_version,
-                                    id=request.id, error=error, final=True)
-                return
-            except _REPLICA_GONE as exc:
-                if sent:
-                    yield InferResponse(
-                        model_name=request.model_name, model_version=request.model_version,
-                        id=request.id, final=True, error=InferError.unavailable(
-                            f"the replica of model '{request.model_name}' serving this stream stopped "
-                            f"after {sent} response(s) ({type(exc).__name__}); send the request again"))
+    def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        try:
+            handle = self._handle(request)
+        except InferError as error:  # raised at the first step, as InferenceServer.stream does
+            return _fails(error)
+        return stream_through(handle, request)
+
+
+async def infer_through(handle: DeploymentHandle, request: InferRequest) -> InferResponse:
+    """``request`` on a replica of ``handle``'s deployment, sent again while replicas die."""
+    deadline = time.monotonic() + RETRY_S
+    while True:
+        try:
+            return await handle.infer.remote(request)
+        except RayTaskError as exc:
+            raise _cause(exc) from None
+        except _REPLICA_GONE as exc:
+            if time.monotonic() > deadline:
+                raise InferError.unavailable(
+                    f"model '{request.model_name}': no replica answered for {RETRY_S:.0f} s "
+                    f"({type(exc).__name__})") from None
+            logger.warning("model '%s': a replica went away (%s); sending the request again",
+                           request.model_name, type(exc).__name__)
+            await asyncio.sleep(0.05)
+
+
+async def stream_through(handle: DeploymentHandle, request: InferRequest) -> AsyncIterator[InferResponse]:
+    """Every response of ``request`` from a replica of ``handle``'s deployment: sent again
+    while no response came yet, an UNAVAILABLE final response if its replica dies later."""
+    handle = handle.options(stream=True)
+    deadline = time.monotonic() + RETRY_S
+    while True:
+        responses = handle.stream.remote(request)
+        sent = 0
+        try:
+            async for response in responses:
+                sent += 1
+                yield response
+                if response.final:
                     return
-                if time.monotonic() > deadline:
-                    raise InferError.unavailable(
-                        f"model '{request.model_name}': no replica answered for {RETRY_S:.0f} s") from None
-                await asyncio.sleep(0.05)
-            finally:
-                responses.cancel()
+            return
+        except RayTaskError as exc:
+            error = _cause(exc)
+            if not sent:
+                raise error from None
+            yield InferResponse(model_name=request.model_name, model_version=request.model_version,
+                                id=request.id, error=error, final=True)
+            return
+        except _REPLICA_GONE as exc:
+            if sent:
+                yield InferResponse(
+                    model_name=request.model_name, model_version=request.model_version,
+                    id=request.id, final=True, error=InferError.unavailable(
+                        f"the replica of model '{request.model_name}' serving this stream stopped "
+                        f"after {sent} response(s) ({type(exc).__name__}); send the request again"))
+                return
+            if time.monotonic() > deadline:
+                raise InferError.unavailable(
+                    f"model '{request.model_name}': no replica answered for {RETRY_S:.0f} s") from None
+            await asyncio.sleep(0.05)
+        finally:
+            responses.cancel()
 
+
+class PeerModels:
+    """The other models of a deployment, as a replica's backend calls them (BLS,
+    :class:`triserve.core.backend.CoreClient`): through their deployment handles."""
+
+    def __init__(self, app_name: str, models: list[str]):
+        self._app_name = app_name
+        self._models = set(models)
+        self._handles: dict[str, DeploymentHandle] = {}
+
+    def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        if request.model_name not in self._models:
+            return _fails(InferError.not_found(
+                f"unknown model '{request.model_name}': it is not part of deployment '{self._app_name}'"))
+        handle = self._handles.get(request.model_name)
+        if handle is None:
+            handle = self._handles[request.model_name] = serve.get_deployment_handle(
+                request.model_name, app_name=self._app_name)
+        return stream_through(handle, request)
+
+
+async def _fails(error: InferError) -> AsyncIterator[InferResponse]:
+    raise error
+    yield  # an async generator that raises on its first step

@@ -5,6 +5,8 @@ restricted to its one model), so scheduling, dynamic batching, the Python backen
 instance processes and the LLM engine are exactly what ``triserve serve`` runs.
 Serve routes requests to replicas and restarts the ones that die; the front door
 (:mod:`triserve.deploy.frontdoor`) calls these methods through deployment handles.
+A Python model's BLS request to another model of the deployment goes through that
+model's deployment handle (:class:`~triserve.deploy.facade.PeerModels`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import logging
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from ray import serve
+
 from triserve.core.errors import InferError
 from triserve.core.metrics import metrics_registry
 from triserve.core.server import InferenceServer
 from triserve.core.types import InferRequest, InferResponse
+from triserve.deploy.facade import PeerModels
 
 logger = logging.getLogger("triserve")
 
@@ -24,9 +29,12 @@ logger = logging.getLogger("triserve")
 class ModelReplica:
     """The body of every model deployment (wrapped by ``serve.deployment`` in :mod:`app`)."""
 
-    async def __init__(self, repository: str, model: str):
+    async def __init__(self, repository: str, model: str, models: tuple[str, ...] = ()):
         self._model = model
-        self._core = InferenceServer(Path(repository), "explicit", [model])
+        app_name = serve.get_replica_context().app_name
+        # BLS calls to the deployment's other models go to their deployments
+        peers = PeerModels(app_name, [m for m in models if m != model])
+        self._core = InferenceServer(Path(repository), "explicit", [model], peers=peers)
         await self._core.start()
         if model not in self._core.model_names():
             reasons = [row.get("reason", "") for row in self._core.repository_index()
@@ -57,12 +65,15 @@ class ModelReplica:
         async for response in self._core.stream(request):
             yield response
 
-    def statistics(self, version: str = "") -> list[dict[str, Any]]:
-        return self._core.statistics(self._model, version)
-
-    def metric_families(self) -> list:
-        """This replica's ``nv_*`` / ``triserve_llm_*`` families (prometheus_client Metric objects)."""
-        return list(metrics_registry().collect())
+    def figures(self) -> dict[str, Any]:
+        """This replica's statistics and ``nv_*`` / ``triserve_llm_*`` metric families
+        (prometheus_client Metric objects); the front door sums them over every replica."""
+        try:
+            statistics = self._core.statistics(self._model)
+        except InferError:  # not ready (restarting its instances): nothing to count now
+            statistics = []
+        return {"replica": serve.get_replica_context().replica_tag, "statistics": statistics,
+                "families": list(metrics_registry().collect())}
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose model cannot serve is replaced."""
