@@ -158,3 +158,45 @@ def test_reloading_an_llm_version_keeps_its_series():
     assert value(text, "triserve_llm_time_to_first_token_seconds_count", model="reloaded") == 1
     new.close()
     assert 'model="reloaded"' not in generate_latest(metrics_registry()).decode()
+
+
+def test_figures_of_several_replicas_sum_into_one_series_each():
+    """What a cluster deployment's front door reports: one series per model version, the
+    sum over its replicas (counters, histograms, gauges), the earliest ``_created``."""
+    from prometheus_client import Histogram
+
+    from triserve.core.metrics import merge_families
+    from triserve.core.statistics import ModelStatistics, merge_statistics
+
+    replicas = []
+    for successes, latency in ((3, 0.2), (5, 2.0)):
+        registry = CollectorRegistry()
+        Counter("restarts", "Restarts", ["model"], registry=registry).labels("m").inc(successes)
+        Histogram("ttft_seconds", "TTFT", ["model"], buckets=(1.0,), registry=registry).labels("m").observe(latency)
+        stats = ModelStatistics("m", 1)
+        for _ in range(successes):
+            stats.record_success(1000)
+        stats.record_execution(2, [10, 10], 500)
+        replicas.append((list(registry.collect()), stats.to_json()))
+    families = merge_families(families for families, _ in replicas)
+
+    class Merged:
+        def collect(self):
+            return families
+
+    text = exposition(Merged()).decode()
+    assert value(text, "restarts_total", model="m") == 8
+    assert value(text, "ttft_seconds_count", model="m") == 2
+    assert value(text, "ttft_seconds_bucket", model="m", le="1.0") == 1
+    assert value(text, "ttft_seconds_sum", model="m") == pytest.approx(2.2)
+    created = [s.value for f in families for s in f.samples if s.name == "restarts_created"]
+    assert created == [min(s.value for fs, _ in replicas for f in fs for s in f.samples
+                           if s.name == "restarts_created")]
+
+    (merged,) = merge_statistics([row for _, row in replicas])
+    assert merged["inference_stats"]["success"] == {"count": 8, "ns": 8000}
+    assert merged["inference_count"] == 4 and merged["execution_count"] == 2
+    assert merged["batch_stats"] == [{"batch_size": 2, "compute_input": {"count": 2, "ns": 0},
+                                      "compute_infer": {"count": 2, "ns": 1000},
+                                      "compute_output": {"count": 2, "ns": 0}}]
+    assert merged["last_inference"] == max(row["last_inference"] for _, row in replicas)

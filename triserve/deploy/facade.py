@@ -42,7 +42,7 @@ logger = logging.getLogger("triserve")
 POLL_S = 0.5  # how often readiness, statistics and metrics are refreshed
 RETRY_S = 60.0  # how long a request whose replica died is retried on others
 FIGURES_TIMEOUT_S = 5.0  # a model whose replicas do not all report in time keeps its last figures
-FIGURES_STALE_S = 5.0  # a replica not heard from for this long (stopped, killed) no longer counts
+FIGURES_STALE_S = 15.0  # a replica not heard from for this long no longer counts
 _REPLICA_GONE = (RayActorError, ActorUnavailableError)
 
 
@@ -160,14 +160,20 @@ class ClusterCore:
         results = await asyncio.gather(*(every_replica(name) for name in names), return_exceptions=True)
         now = time.monotonic()
         for name, answers in zip(names, results):
-            if isinstance(answers, BaseException):
+            if isinstance(answers, BaseException):  # keep the last figures (until stale)
                 logger.debug("model '%s': no figures this round (%s)", name, answers)
                 continue
+            # the replicas Serve's router knows as running answered; one that failed may be
+            # live but busy: its last figures are kept until stale, the others' dropped
+            failed = any(isinstance(answer, BaseException) for answer in answers)
+            for replica, (heard, model, _) in list(self._figures.items()):
+                if model == name and (not failed or now - heard > FIGURES_STALE_S):
+                    del self._figures[replica]
             for answer in answers:
                 if not isinstance(answer, BaseException):
                     self._figures[answer["replica"]] = (now, name, answer)
-        for replica, (heard, _, _) in list(self._figures.items()):
-            if now - heard > FIGURES_STALE_S:
+        for replica, (heard, model, _) in list(self._figures.items()):
+            if now - heard > FIGURES_STALE_S or self._running.get(model, 0) == 0:
                 del self._figures[replica]
 
     def running_replicas(self, name: str) -> int:
