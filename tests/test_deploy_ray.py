@@ -65,6 +65,11 @@ def _slow_words(repository: Path) -> None:
 def cluster():
     """A head and a worker node, every Ray process on 127.0.0.1; this process is the driver."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when ray is first imported
+    # Serve's autoscaling hears of requests in flight every second, not every 10 s (test speed;
+    # the Ray processes the cluster starts inherit these)
+    autoscaling_env = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+                       "RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR": "0.02"}
+    os.environ.update(autoscaling_env)
     from ray.cluster_utils import Cluster
 
     node = dict(num_cpus=4, node_ip_address="127.0.0.1")
@@ -84,7 +89,8 @@ def cluster():
         serve.shutdown()
         ray.shutdown()
         ray_cluster.shutdown()  # every process of both nodes, by the PIDs Ray recorded
-        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        for variable in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", *autoscaling_env):
+            os.environ.pop(variable, None)
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +125,10 @@ def _replicas(model: str, app: str = NAME) -> list[dict]:
                                                     ("state", "=", "ALIVE")], limit=1000)]
 
 
-def _running(model: str) -> int:
+def _running(model: str, app: str = NAME) -> int:
     from triserve.deploy import TritonModel
 
-    return TritonModel(NAME).status()["models"].get(model, {}).get("replicas", {}).get("RUNNING", 0)
+    return TritonModel(app).status()["models"].get(model, {}).get("replicas", {}).get("RUNNING", 0)
 
 
 def _wait(predicate, timeout: float, what: str) -> float:
@@ -466,9 +472,10 @@ def test_scale_down_and_up_on_the_live_deployment(cluster, predictor):
     assert over_http.predict("again", model="chat_echo")[0].startswith("echo: again")
 
 
-def test_cli_deploys_a_bls_pipeline_joining_the_local_cluster(cluster, predictor, tmp_path):
+def test_cli_deploys_an_autoscaled_bls_pipeline_joining_the_local_cluster(cluster, predictor, tmp_path, capsys):
     """``triserve deploy`` without --endpoint (TritonModel.deploy(endpoint=None)) joins the
-    running local cluster; a model's BLS calls reach another model's deployment."""
+    running local cluster; a model's BLS calls reach another model's deployment; with
+    --min/--max-replicas, Serve's autoscaling adds a replica under load."""
     address = cluster[0].address
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
@@ -485,6 +492,7 @@ def test_cli_deploys_a_bls_pipeline_joining_the_local_cluster(cluster, predictor
         (repository / model).symlink_to(TESTS / "model_repository" / model)
     http_port = free_port()
     deployed = triserve("deploy", str(repository), "--name", "cli-bls", "--cpu", "0.25",
+                        "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "1",
                         "--http-port", str(http_port), "--grpc-port", str(free_port()),
                         "--metrics-port", str(free_port()), endpoint=False)
     endpoints = json.loads(deployed.stdout)
@@ -505,6 +513,31 @@ def test_cli_deploys_a_bls_pipeline_joining_the_local_cluster(cluster, predictor
         # both BLS calls ran on identity_fp32's own replica, counted there
         _wait(lambda: client.get_inference_statistics("identity_fp32")["model_stats"][0]
               ["inference_stats"]["success"]["count"] == 2, 30, "identity_fp32 counting the BLS calls")
+
+    # autoscaling: with requests in flight above the target, Serve adds the second replica
+    stop, failures = threading.Event(), []
+
+    def load():
+        with httpclient.InferenceServerClient(f"127.0.0.1:{http_port}", network_timeout=120) as client:
+            while not stop.is_set():
+                try:
+                    client.infer("bls_caller", [tensor])
+                except Exception as exc:  # counted: the test fails on any
+                    failures.append(str(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        upscaled_after = _wait(lambda: _running("bls_caller", "cli-bls") == 2, 120,
+                               "bls_caller autoscaled to 2 replicas")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    with capsys.disabled():
+        print(f"\n[deploy] autoscaled to 2 replicas after {upscaled_after:.1f} s of load")
+    assert not failures, failures[:3]
 
     again = triserve("deploy", str(repository), "--name", "cli-bls", check=False)
     assert again.returncode == 1 and "exists already" in again.stderr
