@@ -561,8 +561,15 @@ def test_undeploy_leaves_no_actor_no_process_and_closes_the_ports(predictor):
     TritonModel(NAME).undeploy()
     _wait(lambda: not [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
                        if a["class_name"].startswith(f"ServeReplica:{NAME}:")], 60, "replicas gone")
-    _wait(lambda: not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
-          60, "the replicas' processes and their model instance processes gone")
+
+    def alive(process):
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    _wait(lambda: not [p for p in processes if alive(p)], 60,
+          "the replicas' processes and their model instance processes gone")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", predictor.http_port), timeout=5).close()
     assert TritonModel(NAME).status() == {"status": "NOT_DEPLOYED"}

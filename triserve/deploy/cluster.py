@@ -59,7 +59,21 @@ def start_local_head(num_cpus: int | None = None) -> str:
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise DeployError(f"could not start a local Ray cluster: {result.stderr.strip()[-2000:]}")
-    return f"127.0.0.1:{port}"
+    address = f"127.0.0.1:{port}"
+    _OWN_CLUSTER_RECORD.write_text(address)
+    return address
+
+
+# The address of the local cluster triserve started (with token authentication), beside the
+# record of the current cluster ``ray start`` keeps.
+_OWN_CLUSTER_RECORD = Path(tempfile.gettempdir()) / "ray" / "triserve_cluster"
+
+
+def _started_by_triserve(address: str) -> bool:
+    try:
+        return _OWN_CLUSTER_RECORD.read_text().strip() == address.removeprefix("ray://")
+    except OSError:
+        return False
 
 
 def _running_local_cluster() -> str | None:
@@ -76,17 +90,16 @@ def _running_local_cluster() -> str | None:
 
 def connect(endpoint: str | None = None, start: bool = True) -> None:
     """Connect this process to the cluster at ``endpoint`` (None: the local one, started if
-    ``start`` and there is none) and make sure Serve runs, its own proxies disabled."""
-    if _is_loopback(endpoint):
-        os.environ.setdefault(LOOPBACK_ENV, "0")
-    if endpoint is None:
-        # the local cluster triserve starts uses Ray's token authentication (the token in
-        # ~/.ray/auth_token, made on first use); every later command joins with it
-        os.environ.setdefault(AUTH_ENV, "token")
-    import ray
-    from ray import serve
+    ``start`` and there is none) and make sure Serve runs, its own proxies disabled.
 
-    if not ray.is_initialized():
+    Token authentication is turned on (``RAY_AUTH_MODE=token``) only for the cluster triserve
+    started itself; any other cluster is joined with the caller's own Ray settings. A driver in
+    token mode refuses the calls of a cluster's workers that send no token (Serve's handles then
+    never hear back from a replica), and the mode is inherited by every child process."""
+    ray_module = sys.modules.get("ray")
+    if ray_module is None or not ray_module.is_initialized():
+        if _is_loopback(endpoint):
+            os.environ.setdefault(LOOPBACK_ENV, "0")
         address = endpoint
         if address is None:
             # one ray.init only: a failed first attempt would leave this process unable to
@@ -96,10 +109,17 @@ def connect(endpoint: str | None = None, start: bool = True) -> None:
                 if not start:
                     raise DeployError("no local Ray cluster is running (nothing is deployed)")
                 address = start_local_head()
+        if _started_by_triserve(address):
+            # its token is in ~/.ray/auth_token (made by its `ray start`); set before ray is imported
+            os.environ.setdefault(AUTH_ENV, "token")
+        import ray
+
         try:
             ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING,
                      log_to_driver=False)
         except ConnectionError as exc:
             raise DeployError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+    from ray import serve
+
     # the front door serves HTTP and gRPC itself: Serve's proxies would only listen unused
     serve.start(proxy_location="Disabled")
