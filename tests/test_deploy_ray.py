@@ -188,7 +188,6 @@ def _front_door_counts(predictor, model: str) -> tuple[int, int, float]:
     gRPC ModelStatistics, and the /metrics counter (which must be one series, not one per replica)."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
-    from prometheus_client.parser import text_string_to_metric_families
 
     with httpclient.InferenceServerClient(f"127.0.0.1:{predictor.http_port}") as client:
         (http_stats,) = client.get_inference_statistics(model)["model_stats"]
@@ -196,8 +195,8 @@ def _front_door_counts(predictor, model: str) -> tuple[int, int, float]:
         (grpc_stats,) = client.get_inference_statistics(model).model_stats
     with urllib.request.urlopen(predictor.metrics_url, timeout=30) as page:
         text = page.read().decode()
-    series = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-              if sample.name == "nv_inference_request_success" and sample.labels.get("model") == model]
+    series = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("nv_inference_request_success{") and f'model="{model}"' in line]
     assert len(series) == 1, f"nv_inference_request_success of {model}: {len(series)} series"
     return http_stats["inference_stats"]["success"]["count"], grpc_stats.inference_stats.success.count, series[0]
 
