@@ -7,6 +7,9 @@ every Ray process of a local cluster listens on 127.0.0.1 only. A second local n
 cannot be added with ``ray start --address`` then (the CLI refuses multi-node with it
 set, and without it rewrites the address); the tests add one with Ray's own
 ``ray.cluster_utils.Cluster``.
+
+A cluster triserve starts uses Ray's token authentication; token mode is turned on for
+joining that cluster only (see :func:`connect`).
 """
 
 from __future__ import annotations
