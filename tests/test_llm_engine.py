@@ -8,6 +8,7 @@ joined the batch. The other architectures are in test_llm_architectures.py.
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from triserve.backends.llm.engine import EngineConfig, LLMEngine, SamplingParams, StepOutput
+from triserve.backends.llm.model_runner import PrefillChunk
 from triserve.backends.llm.prefix_cache import PrefixCache
 
 TIMEOUT = 60
@@ -118,6 +120,52 @@ def test_batched_and_staggered_greedy_equals_hf_generate(model, make_engine):
     assert stats["generated_tokens_total"] == 20 * len(PROMPTS)
     assert stats["prompt_tokens_total"] == sum(map(len, PROMPTS))
     assert stats["running"] == stats["waiting"] == stats["kv_cache_bytes_in_use"] == 0
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+def test_compiled_decode_step_equals_hf_generate_in_any_slot(model, make_engine):
+    """compile: the batch-1 step runs compiled (one graph for every length and slot), batches
+    beside it stay eager, and every token is still HF's."""
+    engine = make_engine(max_num_seqs=4, compile=True)
+    assert engine.runner.compiled
+    alone = submit(engine, "alone", PROMPTS[1], max_new_tokens=20)
+    assert alone.final and alone.tokens == hf_greedy(model, PROMPTS[1], 20)
+    assert engine.runner.compiled_steps == 19  # every decode step of a sequence alone
+    together = [submit(engine, f"t{i}", prompt, max_new_tokens=12) for i, prompt in enumerate(PROMPTS[:3])]
+    for prompt, collector in zip(PROMPTS, together):
+        assert collector.final and collector.tokens == hf_greedy(model, prompt, 12)
+
+    # slots other than 0 (a sequence decoding alone beside one being prefilled), on a runner
+    # of its own: the compiled step's logits are the eager step's
+    other = LLMEngine(model, EngineConfig(max_model_len=256, compile=True))
+    runner, cache = other.runner, other.kv_cache
+    threads = torch.get_num_threads()
+    torch.set_num_threads(other.config.threads)  # the compiled kernels' thread count
+    try:
+        with torch.inference_mode():
+            for slot in (2, 3):
+                runner.prefill(cache, [PrefillChunk(slot, PROMPTS[1], 0)])
+                compiled = runner.decode(cache, [5], [len(PROMPTS[1])], [slot])
+                runner.compiled = False
+                eager = runner.decode(cache, [5], [len(PROMPTS[1])], [slot])
+                runner.compiled = True
+                assert torch.allclose(compiled, eager, atol=1e-4)
+        assert runner.compiled_steps == 2
+        assert not cache.keys[0][1].any()  # nothing written outside the slots used
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_int4_head_keeps_hf_greedy_tokens(model, make_engine):
+    """head_quantization int4: the int4 pass ranks the vocabulary, the likeliest are rescored
+    exactly, so greedy tokens stay HF's; the int4 copy of the head is counted in the weights."""
+    plain = make_engine(max_num_seqs=2)
+    engine = make_engine(max_num_seqs=2, head_quantization="int4")
+    collectors = [submit(engine, f"r{i}", prompt, max_new_tokens=16) for i, prompt in enumerate(PROMPTS[:2])]
+    for prompt, collector in zip(PROMPTS, collectors):
+        assert collector.final and collector.tokens == hf_greedy(model, prompt, 16)
+    assert engine.runner.weight_bytes > plain.runner.weight_bytes
 
 
 def test_kv_cache_is_reserved_once_from_its_byte_budget(model, make_engine):

@@ -24,7 +24,7 @@ from triserve.backends.llm.engine import EngineConfig, LLMEngine
 from triserve.backends.llm.gguf_weights import read_gguf_weights
 from triserve.backends.llm.model_runner import PrefillChunk
 from triserve.backends.llm.quantization import (DenseWeight, Int4Linear, Int4Weight, Int8Linear, Int8Weight,
-                                                quantize)
+                                                RescoredHead, quantize)
 from triserve.backends.llm.weights import ModelSource
 
 LOGIT_TOLERANCE = 0.02  # of max |logit|: bfloat16 activations in the weight-only kernels
@@ -58,6 +58,20 @@ def test_int4_keeps_a_quarter_of_the_bytes_and_no_float_copy():
     linear = Int4Linear(Int4Weight.quantize(weight), None, torch.bfloat16)
     assert linear.weight.dtype == torch.uint8 and linear.weight.numel() == weight.numel() // 2
     assert linear.nbytes < weight.numel() * 2 // 3  # packed nibbles + scales/zeros, well under bf16's
+
+
+def test_int4_head_ranks_in_int4_and_gives_its_candidates_the_exact_logits():
+    torch.manual_seed(0)
+    exact = Int8Linear(Int8Weight.quantize(torch.randn(512, 64) * 0.05), None, torch.float32)
+    head = RescoredHead(exact, torch.float32, candidates=16)
+    x = torch.randn(3, 64)
+    got, want = head(x), exact(x)
+    top = got.topk(16).indices
+    bound = 0.02 * want.abs().max()  # the exact kernel computes in bfloat16, the rescoring in float32
+    assert (got.gather(-1, top) - want.gather(-1, top)).abs().max() <= bound
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (got - want).abs().max() > bound  # the tail keeps the int4 pass's values
+    assert head.fast.nbytes < 0.7 * exact.nbytes
 
 
 def dequantized_reference(model: torch.nn.Module, weights: dict) -> torch.nn.Module:

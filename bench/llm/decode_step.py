@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import statistics
 import time
@@ -38,7 +39,8 @@ def load_engine(overrides: dict[str, str]) -> LLMEngine:
     return LLMEngine(model, settings.engine)
 
 
-def step_times(engine: LLMEngine, batch: int, context: int, steps: int) -> list[float]:
+def step_times(engine: LLMEngine, batch: int, context: int, steps: int,
+               profiler: torch.profiler.profile | None = None) -> list[float]:
     runner, cache = engine.runner, engine.kv_cache
     prompt = list(range(1000, 1000 + context))
     with torch.inference_mode():
@@ -46,12 +48,16 @@ def step_times(engine: LLMEngine, batch: int, context: int, steps: int) -> list[
             cache.reserve(batch, context + steps)
         runner.prefill(cache, [PrefillChunk(slot, prompt, 0) for slot in range(batch)])
         times = []
+        if profiler is not None:  # the decode steps only, not the prefill
+            profiler.start()
         for step in range(steps):
             positions = [context + step] * batch
             started = time.perf_counter()
             logits = runner.decode(cache, [1000 + step] * batch, positions)
             logits.argmax(dim=-1).tolist()
             times.append(time.perf_counter() - started)
+        if profiler is not None:
+            profiler.stop()
     return times
 
 
@@ -61,30 +67,56 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every variant this many times, alternating (A B A B ...)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config parameter of the default repository's smollm2")
+                        help="override a config parameter of the default repository's smollm2 (all variants)")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="a second (third, ...) engine with these overrides, measured side by side "
+                             "with the first (ratios to it)")
     args = parser.parse_args()
-    overrides = dict(item.split("=", 1) for item in args.set)
-    started = time.monotonic()
-    engine = load_engine(overrides)
-    runner = engine.runner
-    print(f"loaded in {time.monotonic() - started:.1f} s: {runner.architecture}, weights {runner.weight_bytes / 1e6:.1f} MB, "
-          f"KV reserved {engine.kv_cache.bytes_reserved / 1e6:.0f} MB", flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    common = dict(item.split("=", 1) for item in args.set)
+    variants = [("base", common)] + [
+        (text, {**common, **dict(item.split("=", 1) for item in text.split(","))}) for text in args.variant]
+    engines = []
+    for name, overrides in variants:
+        started = time.monotonic()
+        engine = load_engine(overrides)
+        runner = engine.runner
+        engines.append(engine)
+        print(f"[{name}] loaded in {time.monotonic() - started:.1f} s: {runner.architecture}, weights "
+              f"{runner.weight_bytes / 1e6:.1f} MB, KV reserved {engine.kv_cache.bytes_reserved / 1e6:.0f} MB",
+              flush=True)
+    results: dict[tuple[int, int, int], list[float]] = {}
+    for _ in range(args.rounds):
+        for threads in args.threads:
+            for batch in args.batch:
+                for index, engine in enumerate(engines):
+                    torch.set_num_threads(threads)
+                    times = step_times(engine, batch, args.context, args.steps)[5:]
+                    results.setdefault((threads, batch, index), []).extend(times)
     for threads in args.threads:
-        torch.set_num_threads(threads)
         for batch in args.batch:
-            times = step_times(engine, batch, args.context, args.steps)[5:]
-            median = statistics.median(times)
-            print(f"threads {threads} batch {batch:2d}: step {median * 1e3:6.1f} ms "
-                  f"(min {min(times) * 1e3:.1f}) = {batch / median:6.1f} tokens/s", flush=True)
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+            base = None
+            for index, (name, _) in enumerate(variants):
+                times = results[(threads, batch, index)]
+                median = statistics.median(times)
+                base = base or median
+                print(f"threads {threads} batch {batch:2d} [{name}]: step {median * 1e3:6.1f} ms "
+                      f"(min {min(times) * 1e3:.1f}) = {batch / median:6.1f} tokens/s, "
+                      f"{base / median:.2f}x base", flush=True)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.profile:
-        torch.set_num_threads(args.threads[0])
-        step_times(engine, 1, args.context, 5)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step_times(engine, 1, args.context, 10)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        for (name, _), engine in zip(variants, engines):
+            torch.set_num_threads(args.threads[0])
+            step_times(engine, 1, args.context, 5)
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            step_times(engine, 1, args.context, 10, prof)
+            print(f"[{name}] batch 1, 10 steps")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

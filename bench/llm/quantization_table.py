@@ -40,13 +40,15 @@ from triserve.backends.llm.loader import LLMSettings, load_model
 from triserve.cache import cache_dir, file_sha256
 
 TEXT = Path(__file__).resolve().parent / "quality_text.txt"
-#: label -> (model: "gguf" | "dense", dtype, quantization)
+#: label -> (model: "gguf" | "dense", dtype, quantization, head_quantization)
 FORMATS = {
-    "bf16 (reference)": ("dense", "bfloat16", "none"),
-    "float32": ("dense", "float32", "none"),
-    "int8 (quantization: int8)": ("dense", "bfloat16", "int8"),
-    "int4 (quantization: int4)": ("dense", "bfloat16", "int4"),
-    "GGUF Q4_1 as stored": ("gguf", "bfloat16", "none"),
+    "bf16 (reference)": ("dense", "bfloat16", "none", "none"),
+    "float32": ("dense", "float32", "none", "none"),
+    "int8 (quantization: int8)": ("dense", "bfloat16", "int8", "none"),
+    "int4 (quantization: int4)": ("dense", "bfloat16", "int4", "none"),
+    "int4, head int4": ("dense", "bfloat16", "int4", "int4"),
+    "GGUF Q4_1, head Q8_0 as stored (int8)": ("gguf", "bfloat16", "none", "none"),
+    "GGUF Q4_1, head int4 (head_quantization: int4)": ("gguf", "bfloat16", "none", "int4"),
 }
 
 
@@ -67,11 +69,11 @@ def dense_checkpoint() -> Path:
 
 
 def measure_one(label: str, threads: int, logits_path: Path) -> dict:
-    kind, dtype, quantization = FORMATS[label]
+    kind, dtype, quantization, head_quantization = FORMATS[label]
     model = weights_dir() / GGUF_FILE if kind == "gguf" else dense_checkpoint()
     torch.set_num_threads(threads)
     config = EngineConfig(max_model_len=1024, max_num_seqs=16, dtype=dtype, quantization=quantization,
-                          kv_cache_bytes=1 << 30)
+                          head_quantization=head_quantization, kv_cache_bytes=1 << 30)
     settings = LLMSettings(model, config)
     started = time.monotonic()
     source, tokenizer = load_model(settings, logging.getLogger("bench"))
@@ -114,6 +116,8 @@ def quality(logits: torch.Tensor, reference: torch.Tensor, token_ids: list[int])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--formats", nargs="+", type=int, metavar="INDEX",
+                        help="only these rows (0-based; the bf16 reference, row 0, is always measured)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: measure one format
     parser.add_argument("--logits", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,6 +129,8 @@ def main() -> None:
     print(f"results: {out}; load average {os.getloadavg()}", flush=True)
     rows = []
     for index, label in enumerate(FORMATS):
+        if args.formats and index and index not in args.formats:
+            continue
         logits_path = out / f"logits-{index}.pt"
         child = subprocess.run([sys.executable, "-m", "bench.llm.quantization_table", "--one", label,
                                 "--threads", str(args.threads), "--logits", str(logits_path)],

@@ -100,12 +100,19 @@ class LLMBackend(Backend):
     async def load(self) -> None:
         context = self.context
         settings = LLMSettings.from_config(context.config, context.model_dir)
-        model, self._tokenizer = await asyncio.to_thread(load_model, settings, context.logger)
-        self._stop_token_ids = stop_token_ids(self._tokenizer, model.generation_config)
-        self._sampling_defaults = generation_defaults(model.generation_config)
-        self._engine = await asyncio.to_thread(LLMEngine, model, settings.engine)
-        self._grammars = await asyncio.to_thread(GrammarCompiler, self._tokenizer, self._engine.runner.vocab_size)
-        del model  # the engine holds the weights it runs; nothing else keeps a copy
+        # loading runs torch operations on a thread of its own that then ends, and its OpenMP
+        # threads with it: an OpenMP team left on a long-lived thread beside the engine thread's
+        # makes every parallel region of the engine wait for sleeping threads to wake (measured:
+        # a 2-thread decode step slower than a 1-thread one)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-load") as loader:
+            loop = asyncio.get_running_loop()
+            model, self._tokenizer = await loop.run_in_executor(loader, load_model, settings, context.logger)
+            self._stop_token_ids = stop_token_ids(self._tokenizer, model.generation_config)
+            self._sampling_defaults = generation_defaults(model.generation_config)
+            self._engine = await loop.run_in_executor(loader, LLMEngine, model, settings.engine)
+            self._grammars = await loop.run_in_executor(loader, GrammarCompiler, self._tokenizer,
+                                                        self._engine.runner.vocab_size)
+            del model  # the engine holds the weights it runs; nothing else keeps a copy
         _return_freed_memory()  # loading's per-tensor temporaries, back to the OS
         self._engine.start()
         if settings.engine.faults.enabled:

@@ -43,6 +43,7 @@ from triserve.backends.llm.quantization import QUANTIZATIONS
 from triserve.backends.llm.sampling import SamplingParams, SamplingRow, make_generator, sample
 from triserve.backends.llm.supervision import RestartPolicy
 from triserve.backends.llm.weights import ModelSource
+from triserve.cache import cache_dir
 
 __all__ = ["EngineConfig", "EngineOverloaded", "EngineUnavailable", "LLMEngine", "SamplingParams",
            "StepOutput"]
@@ -62,12 +63,19 @@ class EngineConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda | cuda:N (resolved by the loader from "auto")
     quantization: str = "none"  # none | int8 | int4 (weight-only; a GGUF's quantized blocks stay as stored)
+    # the output head: none (as stored or as `quantization` says) | int4 (re-quantized into groups
+    # of 32: the head is the largest single matrix, and int4's kernel reads it fastest)
+    head_quantization: str = "none"
     # prompt tokens prefilled per step: a longer prompt (or a burst of them) is prefilled in
     # chunks over several steps, so the running sequences' next token waits for one bounded chunk
     max_prefill_tokens: int = 512
     # requests waiting for a slot beyond the free ones; more are refused at once.
     # None: 4 x max_num_seqs
     max_queue_size: int | None = None
+    # torch.compile the batch-1 decode step at load (inductor; needs a C++ compiler; compiled
+    # code is cached on disk, so later loads take seconds); a compilation that fails is logged
+    # and the eager step serves
+    compile: bool = False
     # test-only fault injection (faults.py); None: off
     fault_nan_seed: int | None = None
     fault_crash_seed: int | None = None
@@ -92,6 +100,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be at least 1, got {self.max_prefill_tokens}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype '{self.dtype}'; expected one of {', '.join(DTYPES)}")
+        if self.head_quantization not in ("none", "int4"):
+            raise ValueError(f"unknown head_quantization '{self.head_quantization}'; expected none or int4")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization '{self.quantization}'; "
                              f"expected one of {', '.join(QUANTIZATIONS)}")
@@ -166,9 +176,11 @@ class LLMEngine:
         source = model if isinstance(model, ModelSource) else ModelSource.from_hf_model(model)
         with torch.inference_mode():
             self.runner = ModelRunner(source.config, source.weights, config.max_model_len, config.dtype,
-                                      config.quantization, config.device)
+                                      config.quantization, config.device, config.head_quantization)
         self.max_slots = _kv_slots(config, self.runner.kv_bytes_per_token)
         self.kv_cache = self.runner.new_kv_cache(self.max_slots)
+        if config.compile:
+            self._compile()
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         self._lock = threading.Condition()
         self._inbox = _Inbox()
@@ -181,6 +193,33 @@ class LLMEngine:
         self.generated_tokens_total = 0
         self.prompt_tokens_total = 0
         self.refused_total = 0  # requests refused because the waiting queue was full
+
+    def _compile(self) -> None:
+        """Compile the batch-1 decode step now, with the engine's threads (inductor's kernels are
+        generated for that many), in a thread of its own; on failure the eager step stays."""
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("inductor")))
+        failure: list[BaseException] = []
+
+        def compile_with_engine_threads() -> None:
+            torch.set_num_threads(self.config.threads)
+            try:
+                with torch.inference_mode():
+                    self.runner.compile_decode(self.kv_cache)
+            except BaseException as exc:  # noqa: BLE001 - reported below, the eager step serves
+                failure.append(exc)
+
+        logger.info("compiling the decode step with torch.compile (%d thread(s); the first time takes "
+                    "minutes, later loads reuse the cache in %s)", self.config.threads,
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        started = time.monotonic()
+        thread = threading.Thread(target=compile_with_engine_threads, name="llm-compile")
+        thread.start()
+        thread.join()
+        if failure:
+            logger.warning("compiling the decode step failed (%s: %s); decoding runs uncompiled",
+                           type(failure[0]).__name__, str(failure[0]).splitlines()[0] if str(failure[0]) else "")
+        else:
+            logger.info("decode step compiled in %.1f s", time.monotonic() - started)
 
     # --- called from any thread -------------------------------------------------------------
 

@@ -30,15 +30,27 @@ class KVCache:
         self.head_dim = head_dim
         self.max_len = max_len
         self.dtype = dtype
-        shape = (num_layers, 2, max_slots, kv_heads, max_len, head_dim)
-        count = num_layers * 2 * max_slots * kv_heads * max_len * head_dim
+        shape = (max_slots, kv_heads, max_len, head_dim)
+        count = max_slots * kv_heads * max_len * head_dim
         if device.type == "cpu":
-            self._map = mmap.mmap(-1, max(1, count * _element_size(dtype)))
-            buffer = torch.frombuffer(self._map, dtype=dtype, count=count).view(shape)
+            self._map = mmap.mmap(-1, max(1, 2 * num_layers * count * _element_size(dtype)))
+            # one tensor (one storage) per layer's K and per layer's V over the one map: nothing
+            # aliases anything else, as a compiled decode step needs of the caches it writes
+            tensors = [torch.frombuffer(self._map, dtype=dtype, count=count,
+                                        offset=index * count * _element_size(dtype)).view(shape)
+                       for index in range(2 * num_layers)]
         else:  # an accelerator's memory is reserved whole
-            buffer = torch.zeros(shape, dtype=dtype, device=device)
-        self.keys: list[torch.Tensor] = [buffer[layer, 0] for layer in range(num_layers)]
-        self.values: list[torch.Tensor] = [buffer[layer, 1] for layer in range(num_layers)]
+            tensors = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * num_layers)]
+        self.keys: list[torch.Tensor] = tensors[0::2]
+        self.values: list[torch.Tensor] = tensors[1::2]
+        self._slot_views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def slot_views(self, slot: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each layer's K and V of one slot, ``[kv_heads, capacity, head_dim]`` (made once per slot)."""
+        views = self._slot_views.get(slot)
+        if views is None:
+            views = self._slot_views[slot] = ([k[slot] for k in self.keys], [v[slot] for v in self.values])
+        return views
 
     @staticmethod
     def bytes_per_token_of(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

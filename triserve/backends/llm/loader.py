@@ -32,7 +32,7 @@ from triserve.cache import cache_dir, file_sha256
 _PACKAGE_PREFIX = "package:"
 _PARAMETERS = ("model", "dtype", "quantization", "max_num_seqs", "max_model_len",
                "max_prefill_tokens", "max_queue_size", "prefix_cache_mb", "kv_cache_mb", "device",
-               "num_threads", "trust_remote_code", "fault_nan_seed", "fault_prefill_seed", "fault_crash_seed")
+               "num_threads", "compile", "head_quantization", "trust_remote_code", "fault_nan_seed", "fault_prefill_seed", "fault_crash_seed")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ class LLMSettings:
         if trust not in ("true", "false"):
             raise ValueError(f"parameter 'trust_remote_code': '{trust}' is not true or false")
         device = resolve_device(values.get("device") or "cpu")
+        compile_ = values.get("compile", "").lower() or ("true" if defaults.compile else "false")
+        if compile_ not in ("true", "false"):
+            raise ValueError(f"parameter 'compile': '{compile_}' is not true or false")
         engine = EngineConfig(
             max_num_seqs=integer("max_num_seqs", defaults.max_num_seqs),
             max_model_len=integer("max_model_len", defaults.max_model_len),
@@ -79,9 +82,11 @@ class LLMSettings:
             prefix_cache_bytes=prefix_cache_mb << 20,
             kv_cache_bytes=kv_cache_mb << 20,
             num_threads=integer("num_threads", defaults.num_threads),
+            compile=compile_ == "true",
             dtype=resolve_dtype(values.get("dtype") or defaults.dtype, device),
             device=device,
             quantization=values.get("quantization") or defaults.quantization,
+            head_quantization=values.get("head_quantization") or defaults.head_quantization,
             fault_nan_seed=integer("fault_nan_seed", None),
             fault_crash_seed=integer("fault_crash_seed", None),
             fault_prefill_seed=integer("fault_prefill_seed", None),

@@ -35,8 +35,8 @@ from triserve.backends.llm.architectures import (ACTIVATIONS, SUPPORTED_ARCHITEC
                                                  apply_rope, architecture_of, check_supported, family_of,
                                                  language_model, layer_windows, qk_row_order, rope_tables)
 from triserve.backends.llm.kv_cache import KVCache
-from triserve.backends.llm.quantization import (DenseWeight, Embedding, Linear, Weight, concatenate,
-                                                embedding_weight, make_linear, quantize, take_rows)
+from triserve.backends.llm.quantization import (DenseWeight, Embedding, Linear, RescoredHead, Weight,
+                                                concatenate, embedding_weight, make_linear, quantize, take_rows)
 
 __all__ = ["DTYPES", "SUPPORTED_ARCHITECTURES", "ModelRunner", "PrefillChunk", "check_supported"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,7 +93,8 @@ class PrefillChunk:
 
 class ModelRunner:
     def __init__(self, config: Any, weights: MutableMapping[str, Weight | torch.Tensor], max_model_len: int,
-                 dtype: str = "float32", quantization: str = "none", device: str = "cpu"):
+                 dtype: str = "float32", quantization: str = "none", device: str = "cpu",
+                 head_quantization: str = "none"):
         """Takes (pops) each weight out of ``weights`` as it builds its own form of it."""
         check_supported(config, max_model_len)
         self.architecture = architecture_of(config)
@@ -206,6 +207,16 @@ class ModelRunner:
             self.lm_head = make_linear(head, None, self.dtype, self.device)
         self.rope_tables = [(cos.to(self.device, self.dtype), sin.to(self.device, self.dtype))
                             for cos, sin in tables]
+        if head_quantization == "int4":
+            if self.device.type != "cpu":
+                raise ValueError(f"head_quantization int4 runs on torch's CPU kernels only, not on device "
+                                 f"'{self.device}'")
+            self.lm_head = RescoredHead(self.lm_head, self.dtype)
+        self._key_positions = torch.arange(max_model_len, device=self.device)
+        self._decode_one = self._decode_single  # or its compiled form (compile_decode)
+        self.compiled, self._compiled_threads = False, 0
+        self.compiled_steps = 0  # batch-1 steps that ran compiled
+        self._stance = "eager_on_recompile"  # once compiled: never compile again while serving
         self.weight_bytes = self._count_bytes(tied)
 
     @property
@@ -223,6 +234,8 @@ class ModelRunner:
     def _count_bytes(self, tied: bool) -> int:
         """Bytes of every weight the runner holds (what a decode step reads, plus the embedding)."""
         total = self.embed_tokens.nbytes + (0 if tied else self.lm_head.nbytes)
+        if tied and isinstance(self.lm_head, RescoredHead):  # its int4 copy beside the table
+            total += self.lm_head.fast.nbytes
         total += self.final_norm.numel() * self.final_norm.element_size()
         total += sum(t.numel() * t.element_size() for table in self.rope_tables for t in table)
         for layer in self.layers:
@@ -289,21 +302,23 @@ class ModelRunner:
         batch = len(token_ids)
         length = max(positions) + 1
         slots = list(range(batch)) if slots is None else slots
-        if batch == 1:  # one sequence sees all its keys: plain slices, no mask
-            start, slot = positions[0], slots[0]
-
-            def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                keys, values = cache.keys[index], cache.values[index]
-                keys[slot, :, start] = k[0]
-                values[slot, :, start] = v[0]
-                window = self.layers[index].window
-                first = 0 if window is None else max(0, length - window)
-                grouped = q.view(1, self.num_kv_heads, self.group, self.head_dim)
-                out = self._attention(grouped, keys[slot : slot + 1, :, first:length],
-                                      values[slot : slot + 1, :, first:length], None)
-                return out.reshape(1, -1)
-
-            return self._logits(self._forward(torch.tensor(token_ids), torch.tensor(positions), attend))
+        if batch == 1:  # one sequence sees all its keys: its slot's views, no mask
+            keys, values = cache.slot_views(slots[0])
+            key_positions = self._key_positions[:length]
+            if self.compiled and length < self.max_model_len and torch.get_num_threads() == self._compiled_threads:
+                # the compiled step is traced once with the attended length symbolic (>= 2: a
+                # decoded token always follows at least one prompt token), never per length; the
+                # context's very last position (the whole cache) is a shape of its own, and its
+                # kernels are made for the thread count it was compiled with: otherwise eager
+                torch._dynamo.mark_dynamic(key_positions, 0, min=2, max=self.max_model_len - 1)
+                # a recompilation, should anything ever call for one, runs eager instead (never
+                # minutes of compiling in the middle of serving)
+                self.compiled_steps += 1
+                with torch.compiler.set_stance(self._stance):
+                    return self._decode_one(keys, values, torch.tensor(token_ids), torch.tensor(positions),
+                                            key_positions)
+            return self._decode_single(keys, values, torch.tensor(token_ids), torch.tensor(positions),
+                                       key_positions)
 
         position = torch.tensor(positions)
         rows = torch.tensor(slots)
@@ -331,6 +346,54 @@ class ModelRunner:
             return out.reshape(batch, -1)
 
         return self._logits(self._forward(torch.tensor(token_ids), position, attend))
+
+    def compile_decode(self, cache: KVCache) -> None:
+        """Compile the batch-1 decode step with ``torch.compile`` (inductor: the ~40 small operations
+        around each layer's matmuls fused into a few kernels) and run it once, so that the
+        compilation happens now, not in the first request. Later steps of any length and any
+        slot reuse it; batches of several sequences and prefill stay eager. On failure (e.g. no
+        C++ compiler) the eager step stays and the exception propagates."""
+        if self.windows != {None} or self.attention_softcap is not None:
+            raise ValueError(f"the {self.architecture} decode step (sliding-window or soft-capped attention) "
+                             f"is not compiled")
+        self._decode_one = torch.compile(self._decode_single, fullgraph=True)
+        self.compiled, self._stance, self._compiled_threads = True, "default", torch.get_num_threads()
+        try:
+            self.decode(cache, [0], [1], [0])  # writes position 1 of slot 0: no sequence holds it yet
+        except BaseException:
+            self._decode_one, self.compiled = self._decode_single, False
+            raise
+        finally:
+            self._stance, self.compiled_steps = "eager_on_recompile", 0
+
+    def _decode_single(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_ids: torch.Tensor,
+                       position: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """One token of one sequence whose layers' K/V are ``keys``/``values`` ([kv_heads, capacity,
+        head_dim] each); it attends positions ``0..len(key_positions)-1``. What
+        ``torch.compile`` compiles: tensors and sizes only, no Python value that changes per step."""
+        length = key_positions.shape[0]
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            layer_keys, layer_values = keys[index], values[index]
+            layer_keys[:, position] = k.transpose(0, 1)
+            layer_values[:, position] = v.transpose(0, 1)
+            grouped = q.view(self.num_kv_heads, self.group, self.head_dim)
+            if not torch.compiler.is_compiling():
+                window = self.layers[index].window
+                first = 0 if window is None else max(0, length - window)
+                out = self._attention(grouped[None], layer_keys[None, :, first:length],
+                                      layer_values[None, :, first:length], None)
+                return out.reshape(1, -1)
+            # compiled (full attention, no soft-capping: compile_decode checks): one query row per
+            # head, so dot products, softmax and the weighted sum as plain reductions in float32,
+            # which the compiler fuses into a few loops (SDPA's CPU kernel costs ~50 us a call at
+            # this size, 30 calls a step)
+            scores = (grouped.float()[:, :, None, :] * layer_keys[:, None, :length].float()).sum(-1)
+            weights = torch.softmax(scores * (self.attention_scale or self.head_dim ** -0.5), dim=-1)
+            out = (weights[..., None] * layer_values[:, None, :length].float()).sum(-2)
+            return out.to(q.dtype).reshape(1, -1)
+
+        return self._logits(self._forward(token_ids, position, attend))
 
     def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """The decoder stack over ``tokens`` rows (one per new token); returns hidden states."""
