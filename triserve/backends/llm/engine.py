@@ -43,7 +43,6 @@ from triserve.backends.llm.quantization import QUANTIZATIONS
 from triserve.backends.llm.sampling import SamplingParams, SamplingRow, make_generator, sample
 from triserve.backends.llm.supervision import RestartPolicy
 from triserve.backends.llm.weights import ModelSource
-from triserve.cache import cache_dir
 
 __all__ = ["EngineConfig", "EngineOverloaded", "EngineUnavailable", "LLMEngine", "SamplingParams",
            "StepOutput"]
@@ -197,7 +196,6 @@ class LLMEngine:
     def _compile(self) -> None:
         """Compile the batch-1 decode step now, with the engine's threads (inductor's kernels are
         generated for that many), in a thread of its own; on failure the eager step stays."""
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("inductor")))
         failure: list[BaseException] = []
 
         def compile_with_engine_threads() -> None:
@@ -209,8 +207,8 @@ class LLMEngine:
                 failure.append(exc)
 
         logger.info("compiling the decode step with torch.compile (%d thread(s); the first time takes "
-                    "minutes, later loads reuse the cache in %s)", self.config.threads,
-                    os.environ["TORCHINDUCTOR_CACHE_DIR"])
+                    "minutes, later loads reuse inductor's cache: TORCHINDUCTOR_CACHE_DIR, by default "
+                    "/tmp/torchinductor_<user>)", self.config.threads)
         started = time.monotonic()
         thread = threading.Thread(target=compile_with_engine_threads, name="llm-compile")
         thread.start()
