@@ -7,12 +7,15 @@ a temporary repository with a venv-style environment built on the spot.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import queue
 import sys
 import sysconfig
 import tarfile
 import textwrap
+import time
 from pathlib import Path
 
 import grpc
@@ -125,6 +128,48 @@ def test_error_response_keeps_its_code(grpc_client, http_client):
     with pytest.raises(InferenceServerException, match="INPUT0 was rejected") as error:
         http_client.infer("error_response", [fp32_input(httpclient, [1.0])])
     assert error.value.status() == "400"
+
+
+def cancelled_so_far(http_client) -> int:
+    """How many requests the ``cancellable`` model has seen cancelled (it answers once its one
+    instance is free, i.e. after the request before it ended)."""
+    result = http_client.infer("cancellable", [bytes_input(httpclient, "INPUT0", ["__cancelled__"])])
+    return int(result.as_numpy("OUTPUT0")[0])
+
+
+def wait_for_file(path: Path) -> None:
+    for _ in range(3000):
+        if path.exists():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the model never got the request")
+
+
+def test_client_leaving_a_unary_http_infer_cancels_it_in_the_model(core_server, http_client, tmp_path):
+    before = cancelled_so_far(http_client)
+    started = tmp_path / "started"
+    body = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [1],
+                                   "data": [f"60 {started}"]}]})
+    connection = http.client.HTTPConnection("127.0.0.1", core_server.http_port, timeout=30)
+    try:
+        connection.request("POST", "/v2/models/cancellable/infer", body, {"Content-Type": "application/json"})
+        wait_for_file(started)
+    finally:
+        connection.close()  # the client gives up without reading the answer
+    # the model saw the cancellation (without it, the count would come 60 s later, unchanged)
+    assert cancelled_so_far(http_client) == before + 1
+
+
+def test_cancelled_unary_grpc_infer_is_cancelled_in_the_model(grpc_client, http_client, tmp_path):
+    before = cancelled_so_far(http_client)
+    started = tmp_path / "started"
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    call = grpc_client.async_infer("cancellable", [bytes_input(grpcclient, "INPUT0", [f"60 {started}"])],
+                                   callback=lambda result, error: answers.put(error))
+    wait_for_file(started)
+    call.cancel()
+    assert "CANCELLED" in str(answers.get(timeout=30))
+    assert cancelled_so_far(http_client) == before + 1
 
 
 def test_async_execute(http_client):

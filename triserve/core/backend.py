@@ -201,6 +201,17 @@ class Backend(ABC):
         """Run one batch. Answer every job (``job.send``), or raise: the core then
         fails the jobs that have no final response yet with the error."""
 
+    def try_execute(self, jobs: list[Job], on_done: Callable[[BaseException | None], None]) -> bool:
+        """Optional fast path for :meth:`execute`: start the batch now, without suspending, when
+        the backend can run it at once (an idle instance), and return True; ``on_done`` is then
+        called exactly once, on the event loop, when the batch ended as :meth:`execute` would
+        have returned (None) or raised (the exception). Raising here means nothing started.
+        Return False (the default) and the core awaits :meth:`execute` in a task instead.
+
+        It spares each batch a task and an event-loop iteration: the request's frontend task
+        itself hands the batch over, and the backend's own I/O callback ends it."""
+        return False
+
     def refusal_when_full(self) -> InferError | None:
         """For a backend whose own queue is bounded (the LLM engine's waiting queue, counted in
         ``capacity``): the error that refuses a request arriving while ``capacity`` batches

@@ -192,8 +192,14 @@ class ModelVersion:
             sink(response)
 
         job = Job(request, deliver, asyncio.get_running_loop())
-        self._scheduler.submit(job, batch_size)  # raises UNAVAILABLE if the queue is full
-        active.add(job)
+        active.add(job)  # before submit: a batch may start, and even end, within it
+        try:
+            self._scheduler.submit(job, batch_size)  # raises UNAVAILABLE if the queue is full
+        except BaseException:
+            active.discard(job)
+            if not active:
+                self._idle.set()
+            raise
         return job
 
     def metadata(self) -> dict[str, Any]:

@@ -9,8 +9,12 @@ leaves at once when it reaches the largest ``preferred_batch_size`` (or
 at once; the rest wait here.
 
 Dispatch runs only when something changes (a job arrives, a batch ends, the
-delay timer fires), so an idle model costs nothing and a request costs one
-deque append plus, per batch, one task.
+delay timer fires), so an idle model costs nothing. A request that finds the
+queue empty and a batch slot free (no batching delay to wait for) skips the
+queue: it is handed to the backend from the caller's own task. A backend that
+can start a batch without suspending (``Backend.try_execute``: an idle instance) costs
+no task at all; the batch ends in the backend's I/O callback. Otherwise each
+batch is one task awaiting ``Backend.execute``.
 
 Queue policy, as Triton's ``dynamic_batching { default_queue_policy { ... } }``:
 ``max_queue_size`` (0 = unbounded) refuses a request that finds that many
@@ -38,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from typing import Callable
 
 from tritonclient.grpc import model_config_pb2
 
@@ -127,6 +132,13 @@ class Scheduler:
             if refusal is not None:
                 self._statistics.record_failure("REJECTED", 0)
                 raise refusal
+        if (self._in_flight < self._backend.capacity and not self._queued
+                and (self._delay_ns == 0 or batch_size >= self._target_size)):
+            # Nothing waits before it and nothing to gather: it runs now, never queued, so its
+            # queue timeout cannot expire (as in Triton).
+            self._in_flight += 1
+            self._run([(job, batch_size)])
+            return
         timeout_ns = self._timeout_ns(job, level)
         deadline = job.enqueue_ns + timeout_ns if timeout_ns else 0
         level.queue.append((job, batch_size, deadline))
@@ -226,9 +238,7 @@ class Scheduler:
             if not batch:
                 continue
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._run(batch)
 
     def _batch_ready(self) -> bool:
         if self._delay_ns == 0 or self._queued_size >= self._target_size or not self._queued:
@@ -277,26 +287,53 @@ class Scheduler:
         self._statistics.pending -= 1
         return job
 
-    async def _execute(self, batch: list[tuple[Job, int]]) -> None:
+    def _run(self, batch: list[tuple[Job, int]]) -> None:
+        """Hand one batch (its slot already counted in ``_in_flight``) to the backend."""
         jobs = [job for job, _ in batch]
         start = time.monotonic_ns()
         for job in jobs:
             job.start_ns = start
+        ended = False
+
+        def on_done(error: BaseException | None = None) -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self._finish(batch, jobs, start, error)
+
+        try:
+            started = self._backend.try_execute(jobs, on_done)
+        except Exception as exc:  # nothing started: the batch ends with the error
+            on_done(exc)
+            return
+        if not started:
+            task = asyncio.get_running_loop().create_task(self._execute(jobs, on_done))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, jobs: list[Job], on_done: Callable[[BaseException | None], None]) -> None:
+        error = None
         try:
             await self._backend.execute(jobs)
-        except InferError as error:
-            self._fail_unfinished(jobs, error)
-        except Exception as exc:  # a backend bug must not take the server down
-            self._fail_unfinished(
-                jobs, InferError.internal(f"model '{self._name}' failed to execute: {exc!r}")
-            )
+        except Exception as exc:
+            error = exc
         finally:
-            end = time.monotonic_ns()
-            self._statistics.record_execution(
-                sum(size for _, size in batch), [start - job.enqueue_ns for job in jobs], end - start
-            )
-            self._in_flight -= 1
-            self._dispatch()
+            on_done(error)
+
+    def _finish(self, batch: list[tuple[Job, int]], jobs: list[Job], start: int,
+                error: BaseException | None) -> None:
+        """A batch ended: fail what it left unanswered, count it, let the next batch run."""
+        if isinstance(error, InferError):
+            self._fail_unfinished(jobs, error)
+        elif error is not None:  # a backend bug must not take the server down
+            self._fail_unfinished(
+                jobs, InferError.internal(f"model '{self._name}' failed to execute: {error!r}"))
+        end = time.monotonic_ns()
+        self._statistics.record_execution(
+            sum(size for _, size in batch), [start - job.enqueue_ns for job in jobs], end - start
+        )
+        self._in_flight -= 1
+        self._dispatch()
 
     @staticmethod
     def _fail_unfinished(jobs: list[Job], error: InferError) -> None:

@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2
@@ -113,6 +113,24 @@ class PythonBackend(Backend):
             await instance.execute(jobs)
         finally:
             pool.release(instance)
+
+    def try_execute(self, jobs: list[Job], on_done: Callable[[BaseException | None], None]) -> bool:
+        """The batch goes to an idle instance now, if there is one (``Backend.try_execute``)."""
+        pool = self._pool
+        instance = pool.try_acquire() if pool is not None else None
+        if instance is None:
+            return False
+
+        def ended() -> None:
+            pool.release(instance)
+            on_done(None)
+
+        try:
+            instance.send_batch(jobs, ended)
+        except BaseException:
+            pool.release(instance)
+            raise
+        return True
 
     def stats(self) -> dict[str, Any]:
         processes = self._pool.processes if self._pool is not None else []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import json
 import logging
@@ -81,7 +82,8 @@ class InstanceProcess:
         self._finalized: asyncio.Future | None = None
         self._jobs: dict[int, Job] = {}
         self._held: set[int] = set()  # jobs whose reader fell behind: the socket is not read
-        self._batches: dict[int, asyncio.Future] = {}
+        # batch id -> (called when it ended, its execute deadline's timer)
+        self._batches: dict[int, tuple[Callable[[], None], asyncio.TimerHandle | None]] = {}
         self._bls_tasks: set[asyncio.Task] = set()
         self._ids = itertools.count()
         self._alive = False
@@ -142,29 +144,39 @@ class InstanceProcess:
                 f"{self.label}: initialize did not finish within {deadline:g} s "
                 "(raise --initialize-timeout or the model's 'initialize_timeout' parameter)") from None
 
-    async def execute(self, jobs: list[Job]) -> None:
+    def send_batch(self, jobs: list[Job], on_done: Callable[[], None]) -> None:
+        """Send a batch to the process without suspending; ``on_done`` runs once its execute
+        returned (the ``done`` frame) or the process died. Raises UNAVAILABLE if it is not running."""
         if not self._alive:
             raise InferError.unavailable(f"{self.label} is not running")
-        loop = asyncio.get_running_loop()
-        batch_id = next(self._ids)
-        done = loop.create_future()
-        self._batches[batch_id] = done
-        payloads = []
-        for job in jobs:
-            job_id = next(self._ids)
+        ids = self._ids
+        batch_id = next(ids)
+        job_ids = [next(ids) for _ in jobs]
+        self._protocol.send(("execute", batch_id, [request_payload(job_id, job.request)
+                                                   for job_id, job in zip(job_ids, jobs)]))
+        # registered once sent (the reply cannot come before we return to the loop), so a
+        # request that cannot be encoded leaves nothing behind
+        for job_id, job in zip(job_ids, jobs):
             self._jobs[job_id] = job
-            job.add_cancel_callback(lambda job_id=job_id: self._send_control(("cancel", job_id)))
-            job.set_flow_control(lambda hold, job_id=job_id: self._hold(job_id, hold))
-            payloads.append(request_payload(job_id, job.request))
-        self._send(("execute", batch_id, payloads))
+            job.add_cancel_callback(functools.partial(self._send_control, ("cancel", job_id)))
+            job.set_flow_control(functools.partial(self._hold, job_id))
         deadline = self.context.lifecycle.execute_timeout
-        timer = loop.call_later(deadline, self._overran, deadline) if deadline else None
-        try:
-            await self._protocol.writable()
-            await done
-        finally:
-            if timer is not None:
-                timer.cancel()
+        timer = (asyncio.get_running_loop().call_later(deadline, self._overran, deadline)
+                 if deadline else None)
+        self._batches[batch_id] = (on_done, timer)
+
+    async def execute(self, jobs: list[Job]) -> None:
+        """:meth:`send_batch`, then wait until the batch ended."""
+        done = asyncio.get_running_loop().create_future()
+        self.send_batch(jobs, lambda: done.done() or done.set_result(None))
+        await self._protocol.writable()
+        await done
+
+    def _end_batch(self, batch_id: int) -> None:
+        on_done, timer = self._batches.pop(batch_id)
+        if timer is not None:
+            timer.cancel()
+        on_done()
 
     def _overran(self, deadline: float) -> None:
         """``execute`` ran past its deadline: the process is killed (its jobs fail) and restarted."""
@@ -247,7 +259,7 @@ class InstanceProcess:
         if kind == "response":
             self._on_response(*message[1:])
         elif kind == "done":
-            self._batches.pop(message[1]).set_result(None)
+            self._end_batch(message[1])
         elif kind == "bls":
             task = asyncio.create_task(self._run_bls(*message[1:]))
             self._bls_tasks.add(task)
@@ -304,9 +316,8 @@ class InstanceProcess:
                 job.fail(error)
             self._jobs.clear()
         self._held.clear()
-        for batch in self._batches.values():
-            batch.set_result(None)
-        self._batches.clear()
+        for batch_id in list(self._batches):
+            self._end_batch(batch_id)
         if unexpected and self._serving:
             self._on_death(self, why)
 
@@ -407,10 +418,9 @@ class InstancePool:
 
     async def acquire(self) -> InstanceProcess:
         """An idle live instance; waits while all are busy or restarting; UNAVAILABLE once failed."""
-        while self._idle:
-            process = self._idle.popleft()
-            if process.alive:
-                return process
+        process = self.try_acquire()
+        if process is not None:
+            return process
         if self._failure is not None:
             raise InferError.unavailable(self._failure)
         if self._stopping:
@@ -418,6 +428,14 @@ class InstancePool:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         return await waiter
+
+    def try_acquire(self) -> InstanceProcess | None:
+        """An idle live instance at once, or None (all busy, restarting, failed or stopping)."""
+        while self._idle:
+            process = self._idle.popleft()
+            if process.alive:
+                return process
+        return None
 
     def release(self, process: InstanceProcess) -> None:
         """A batch ended on ``process``: it serves the next one unless it died meanwhile."""

@@ -4,9 +4,9 @@ Each dialect module owns its routes; this module only puts them together (the
 most specific first, ChatGLM's catch-all ``POST /`` last) and installs the shared
 error handlers, so every route answers errors as ``{"error": "<message>"}``.
 
-Two ASGI middlewares stand in front of everything, the fast path included: the API-key
-check (:mod:`.auth`, before the body is read) and the body limits (:mod:`.limits`: size,
-streamed decompression, JSON depth, read deadline).
+Two ASGI middlewares stand in front of everything: the API-key check (:mod:`.auth`, before
+the body is read) and the body limits (:mod:`.limits`: size, streamed decompression, JSON
+depth, read deadline). The fast path below calls the same two checks directly.
 
 KServe inference, the one hot path, skips Starlette: :class:`TriserveApp` matches
 ``POST /v2/models/{model}[/versions/{version}]/infer`` on the raw ASGI scope and
@@ -55,25 +55,32 @@ class TriserveApp(Starlette):
         self._core = core
         self._limits = limits
         gate = Gate(access)
-        limited = BodyLimitMiddleware(self._dispatch, limits)
-        self._entry = AuthMiddleware(limited, gate) if gate.enabled else limited
+        self._body_limits = BodyLimitMiddleware(self._starlette, limits)
+        self._auth = AuthMiddleware(self._body_limits, gate) if gate.enabled else None
+        self._entry = self._auth or self._body_limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._entry(scope, receive, send)
-
-    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             target = kserve.infer_path_target(scope["path"])
             if target is not None:
                 await self._infer(scope, receive, send, *target)
                 return
+        await self._entry(scope, receive, send)
+
+    async def _starlette(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(scope, receive, send)
 
     async def _infer(self, scope: Scope, receive: Receive, send: Send,
                      model: str, version: str) -> None:
-        body = await _read_body(receive)
+        # the two middlewares' checks, called directly: same rules, no wrapping per request
+        if self._auth is not None:
+            denied = self._auth.denied(scope)
+            if denied is not None:
+                await self._auth.refuse(scope, send, denied)
+                return
+        body = await self._body_limits.read_body(scope, receive, send)
         if body is None:
-            return  # the client went away: there is no one to answer
+            return  # refused (answered), or the client went away: there is no one to answer
         header_length = None
         for name, value in scope["headers"]:
             if name == _HEADER_LENGTH:
@@ -81,7 +88,7 @@ class TriserveApp(Starlette):
                 break
         try:
             payload, headers = await until_disconnected(receive, kserve.infer(
-                self._core, model, version, body, header_length, self._limits.max_tensor_elements))
+                self._core, model, version, body, header_length, self._limits.max_tensor_elements), scope)
         except ClientDisconnect:
             return  # the inference was cancelled: there is no one to answer
         except InferError as exc:
@@ -94,18 +101,6 @@ class TriserveApp(Starlette):
             return
         await _send(send, 200, payload, [(name.lower().encode("latin-1"), value.encode("latin-1"))
                                          for name, value in headers.items()])
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None when the client disconnected first."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

@@ -12,7 +12,7 @@ import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from triserve.frontends.auth import CallKind, Gate, Refusal, bearer_token
+from triserve.frontends.auth import CallKind, Denied, Gate, Refusal, bearer_token
 from triserve.frontends.http.refusal import refuse
 
 _HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
@@ -44,15 +44,24 @@ class AuthMiddleware:
         if scope["type"] != "http" or not self.gate.enabled:
             await self.app(scope, receive, send)
             return
+        denied = self.denied(scope)
+        if denied is None:
+            await self.app(scope, receive, send)
+            return
+        await self.refuse(scope, send, denied)
+
+    def denied(self, scope: Scope) -> Denied | None:
+        """Why the :class:`Gate` refuses this HTTP request, or None when it may go on."""
         authorization = None
         for name, value in scope["headers"]:
             if name == _AUTHORIZATION:
                 authorization = value.decode("latin-1")
                 break
-        denied = self.gate.check(call_kind(scope["method"], scope["path"]), bearer_token(authorization))
-        if denied is None:
-            await self.app(scope, receive, send)
-            return
+        return self.gate.check(call_kind(scope["method"], scope["path"]), bearer_token(authorization))
+
+    @staticmethod
+    async def refuse(scope: Scope, send: Send, denied: Denied) -> None:
+        """Answer a refused request (401 or 403) and close the connection: its body stays unread."""
         if denied.refusal is Refusal.UNAUTHENTICATED:
             await refuse(scope, send, 401, denied.message, openai_code="invalid_api_key",
                          headers=[(b"www-authenticate", b"Bearer")], close=True)

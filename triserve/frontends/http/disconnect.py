@@ -11,23 +11,29 @@ request in the backend (the core cancels the job when its awaiting task is cance
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive
+from starlette.types import Receive, Scope
+
+from triserve.frontends.http.protocol import ON_DISCONNECT
 
 T = TypeVar("T")
 
 
-async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+async def until_disconnected(receive: Receive, work: Awaitable[T], scope: Scope | None = None) -> T:
     """The result of ``work``; raises ``ClientDisconnect`` (having cancelled ``work``)
     when the client disconnects first. Call it only after the whole body has been read.
 
-    ``work`` runs in the caller's task, not a task of its own: a watcher task cancels
-    the caller's task when the disconnect comes. That costs one task per request, not
-    two plus an ``asyncio.wait``, on the hot path of every unary route.
+    ``work`` runs in the caller's task, not a task of its own. Given the request's
+    ``scope`` and served by triserve's own HTTP protocol (its ``triserve.on_disconnect``
+    extension), the connection's end cancels the caller's task directly: no task at all.
+    Otherwise a watcher task waiting on ``receive()`` does.
     """
     task = asyncio.current_task()
+    on_disconnect = scope.get("extensions", {}).get(ON_DISCONNECT) if scope is not None else None
+    if on_disconnect is not None:
+        return await _until_lost(task, on_disconnect, work)
     state = {"running": True, "disconnected": False}
 
     def on_watcher_done(watcher: asyncio.Task) -> None:
@@ -49,6 +55,32 @@ async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     finally:
         state["running"] = False
         watcher.cancel()
+
+
+async def _until_lost(task: asyncio.Task,
+                      on_disconnect: Callable[[Callable[[], None]], Callable[[], None] | None],
+                      work: Awaitable[T]) -> T:
+    lost = False
+
+    def on_lost() -> None:
+        nonlocal lost
+        lost = True
+        task.cancel()
+
+    unregister = on_disconnect(on_lost)
+    if unregister is None:  # gone already: the work never starts
+        if asyncio.iscoroutine(work):
+            work.close()
+        raise ClientDisconnect()
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not lost:
+            raise  # we were cancelled from outside
+        task.uncancel()  # the cancellation was ours: the caller's task goes on
+        raise ClientDisconnect() from None
+    finally:
+        unregister()
 
 
 async def _disconnected(receive: Receive) -> None:

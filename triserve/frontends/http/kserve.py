@@ -142,18 +142,31 @@ def infer_path_target(path: str) -> tuple[str, str] | None:
 
 
 def _decode_input(entry: Any, binary_part: binary.BinaryReader, max_elements: int | None) -> InferTensor:
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-        raise InferError.invalid("each input must be an object with a string 'name'")
-    name = entry["name"]
+    # Every check below is a C-level test of the common case first; only a request that fails
+    # one goes through the slower checks that word the error.
+    if type(entry) is not dict or type(name := entry.get("name")) is not str:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InferError.invalid("each input must be an object with a string 'name'")
+        name = entry["name"]
+    datatype = entry.get("datatype")
+    shape = entry.get("shape")
+    parameters = entry.get("parameters")
+    if (not entry.keys() <= _INPUT_FIELDS or type(datatype) is not str or type(shape) is not list
+            or ("parameters" in entry and type(parameters) is not dict)):
+        where = f"input '{name}'"
+        _check_fields(entry, _INPUT_FIELDS, where)
+        datatype = _typed(entry, "datatype", str, where, None)
+        shape = _typed(entry, "shape", list, where, None)
+        if datatype is None or shape is None:
+            raise InferError.invalid(f"{where} needs 'datatype' and 'shape'")
+        parameters = _typed(entry, "parameters", dict, where, {})
+    for d in shape:
+        if type(d) is not int:
+            if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+                raise InferError.invalid(f"input '{name}': 'shape' must be a list of integers, not {shape!r}")
+            break
     where = f"input '{name}'"
-    _check_fields(entry, _INPUT_FIELDS, where)
-    datatype = _typed(entry, "datatype", str, where, None)
-    shape = _typed(entry, "shape", list, where, None)
-    if datatype is None or shape is None:
-        raise InferError.invalid(f"{where} needs 'datatype' and 'shape'")
-    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InferError.invalid(f"{where}: 'shape' must be a list of integers, not {shape!r}")
-    parameters = dict(_typed(entry, "parameters", dict, where, {}))
+    parameters = dict(parameters) if parameters else {}
     if binary.SIZE_PARAMETER in parameters:
         if "data" in entry:
             raise InferError.invalid(f"{where} has both 'data' and parameter {binary.SIZE_PARAMETER}")

@@ -130,13 +130,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        try:
-            message = await self._read(scope, receive)
-        except Refused as refused:
-            await refuse(scope, send, refused.status, refused.message, close=True)
-            return
-        if message is None:
-            return  # the client went away while sending: no one to answer
+        body = await self.read_body(scope, receive, send)
+        if body is None:
+            return  # refused, or the client went away while sending: no one to answer
+        message: Message = {"type": "http.request", "body": body, "more_body": False}
         replayed = False
 
         async def replay() -> Message:
@@ -148,8 +145,18 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _read(self, scope: Scope, receive: Receive) -> Message | None:
-        """The whole body as one ``http.request`` message, or None when the client left."""
+    async def read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The whole plain body within the limits; None when it was refused (answered here,
+        closing the connection) or the client left. The app's KServe fast path calls this
+        directly instead of going through the middleware."""
+        try:
+            return await self._read(scope, receive)
+        except Refused as refused:
+            await refuse(scope, send, refused.status, refused.message, close=True)
+            return None
+
+    async def _read(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None when the client left."""
         limits = self.limits
         encoding = header_length = None
         headers = scope["headers"]
@@ -204,7 +211,7 @@ class BodyLimitMiddleware:
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         parts.clear()
         await self._check_depth(body, header_length)
-        return {"type": "http.request", "body": body, "more_body": False}
+        return body
 
     async def _check_depth(self, body: bytes, header_length: bytes | None) -> None:
         json_part = body

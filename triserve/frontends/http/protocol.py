@@ -10,9 +10,16 @@ closing the connection in both cases, in the path's dialect (:mod:`.refusal`) wh
 request line arrived. The body is bounded by :mod:`.limits`.
 
 Deadlines are :class:`.deadlines.Deadlines`: one dict and one watcher task, no timer per request.
+
+Each request's scope also carries the ``triserve.on_disconnect`` extension: a function that
+registers a callback run when the connection is lost (and returns the function that
+unregisters it), so :func:`.disconnect.until_disconnected` notices a client going away
+without a task of its own waiting on ``receive()``.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -23,6 +30,10 @@ from triserve.frontends.http.refusal import refusal_body
 MAX_REQUEST_HEAD = 64 * 1024
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+#: the scope extension: ``scope["extensions"][ON_DISCONNECT](callback) -> unregister``, or None
+#: when the connection is already gone
+ON_DISCONNECT = "triserve.on_disconnect"
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -47,14 +58,33 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.deadlines.watch(self)
         super().on_message_begin()
 
+    _lost_callbacks: list[Callable[[], None]] | None = None
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         self.deadlines.unwatch(self)
+        self.scope["extensions"] = {ON_DISCONNECT: self._on_disconnect}
         super().on_headers_complete()
+
+    def _on_disconnect(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """Run ``callback`` when the connection is lost; None if it already was (then it never runs)."""
+        if self.transport is None or self.transport.is_closing():
+            return None
+        # the end of the connection is only seen while reading (a large body may have paused
+        # it), as ASGI's receive() would resume it
+        self.flow.resume_reading()
+        if self._lost_callbacks is None:
+            self._lost_callbacks = []
+        callbacks = self._lost_callbacks
+        callbacks.append(callback)
+        return lambda: callback in callbacks and callbacks.remove(callback)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.deadlines.unwatch(self)
         super().connection_lost(exc)
+        callbacks, self._lost_callbacks = self._lost_callbacks, None
+        for callback in callbacks or ():
+            callback()
 
     def refuse(self, status: int, message: str) -> None:
         """Answer a request whose head never completed, and close the connection."""
