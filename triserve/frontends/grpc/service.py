@@ -16,7 +16,6 @@ import logging
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import grpc
-from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -80,11 +79,7 @@ def create_grpc_server(core: Core, address: str, limits: Limits = Limits(),
     gate = Gate(access)
     server = grpc.aio.server(options=server_options(limits),
                              interceptors=[AuthInterceptor(gate)] if gate.enabled else None)
-    import os
-    if os.environ.get("TRISERVE_EXP_GRPC_REGISTERED"):
-        server.add_registered_method_handlers(SERVICE_NAME, method_handlers(InferenceServicer(core, limits)))
-    else:
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, limits), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, limits), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(core), server)
     if tls.enabled:
         credentials = grpc.ssl_server_credentials(
@@ -96,28 +91,6 @@ def create_grpc_server(core: Core, address: str, limits: Limits = Limits(),
     else:
         server.add_insecure_port(address)
     return server
-
-
-_HANDLER_KINDS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def method_handlers(servicer: "InferenceServicer") -> dict[str, grpc.RpcMethodHandler]:
-    """Every RPC of the service with its handler, read from the service's protobuf descriptor."""
-    service = service_pb2.DESCRIPTOR.services_by_name[SERVICE_NAME.rpartition(".")[2]]
-    handlers = {}
-    for method in service.methods:
-        request = message_factory.GetMessageClass(method.input_type)
-        response = message_factory.GetMessageClass(method.output_type)
-        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = kind(getattr(servicer, method.name),
-                                     request_deserializer=request.FromString,
-                                     response_serializer=response.SerializeToString)
-    return handlers
 
 
 def unary(handler: Handler) -> Handler:
