@@ -115,9 +115,15 @@ class Job:
     def send(self, response: InferResponse) -> None:
         if self.done:
             return
-        if response.final:
-            self.done = True
-        self._sink(response)
+        if not response.final:
+            self._sink(response)
+            return
+        self.done = True
+        sink, self._sink = self._sink, _ended
+        self._cancel_callbacks = []
+        # dropped once final: a sink usually refers back to its job (a closure), and the cycle
+        # would leave every finished request, tensors and all, to the garbage collector
+        sink(response)
 
     def send_threadsafe(self, response: InferResponse) -> None:
         self._loop.call_soon_threadsafe(self.send, response)
@@ -158,6 +164,10 @@ class Job:
         self._cancelled = True
         for callback in self._cancel_callbacks:
             callback()
+
+
+def _ended(response: InferResponse) -> None:
+    """The sink of a job that has sent its final response."""
 
 
 class Backend(ABC):
