@@ -16,9 +16,12 @@ from typing import Awaitable, Callable, TypeVar
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope
 
-from triserve.frontends.http.protocol import ON_DISCONNECT
-
 T = TypeVar("T")
+
+#: the scope extension triserve's HTTP protocol (``protocol.py``) puts in every request's scope:
+#: ``scope["extensions"][ON_DISCONNECT](callback)`` registers a callback run when the connection
+#: is lost and returns the function that unregisters it, or None when the connection is gone
+ON_DISCONNECT = "triserve.on_disconnect"
 
 
 async def until_disconnected(receive: Receive, work: Awaitable[T], scope: Scope | None = None) -> T:

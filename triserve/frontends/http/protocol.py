@@ -24,6 +24,7 @@ from typing import Callable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from triserve.frontends.http.deadlines import Deadlines
+from triserve.frontends.http.disconnect import ON_DISCONNECT
 from triserve.frontends.http.refusal import refusal_body
 
 # Request line and headers; nginx allows 4 x 8 KiB, Node 16 KiB: 64 KiB leaves room for long tokens.
@@ -31,9 +32,6 @@ MAX_REQUEST_HEAD = 64 * 1024
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
-#: the scope extension: ``scope["extensions"][ON_DISCONNECT](callback) -> unregister``, or None
-#: when the connection is already gone
-ON_DISCONNECT = "triserve.on_disconnect"
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
