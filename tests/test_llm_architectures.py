@@ -32,7 +32,7 @@ from transformers import (AutoConfig, GemmaConfig, GemmaForCausalLM, Gemma2Confi
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
 from serverproc import ServerProcess
-from test_llm_engine import TINY, hf_greedy, submit
+from test_llm_engine import TINY, hf_greedy, make_engine, model, submit  # noqa: F401 (fixtures)
 from test_llm_quantization import assert_logits_close, dequantized_reference
 from triserve.backends.llm.engine import EngineConfig, LLMEngine
 from triserve.backends.llm.loader import LLMSettings, load_model
@@ -101,30 +101,15 @@ def without_window(model: torch.nn.Module) -> torch.nn.Module:
     return other
 
 
-@pytest.fixture
-def engines():
-    started: list[LLMEngine] = []
-
-    def start(source: ModelSource, **settings) -> LLMEngine:
-        engine = LLMEngine(source, EngineConfig(**{"max_model_len": 128, **settings}))
-        engine.start()
-        started.append(engine)
-        return engine
-
-    yield start
-    for engine in started:
-        engine.stop()
-
-
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_architecture_equals_hf_generate_batched_and_from_the_prefix_cache(tmp_path, engines, name):
+def test_architecture_equals_hf_generate_batched_and_from_the_prefix_cache(tmp_path, make_engine, name):
     model = random_model(name)
     expected = [hf_greedy(model, prompt, 12) for prompt in PROMPTS]
     if getattr(model.config, "sliding_window", None):
         full = without_window(model)
         assert any(hf_greedy(full, prompt, 12) != tokens for prompt, tokens in zip(PROMPTS, expected)), \
             "the window changes nothing here: the test would not notice an engine ignoring it"
-    engine = engines(saved(model, tmp_path / name), max_num_seqs=4, max_prefill_tokens=16)
+    engine = make_engine(saved(model, tmp_path / name), max_model_len=128, max_num_seqs=4, max_prefill_tokens=16)
     assert engine.runner.architecture == ARCHITECTURES[name][0].__name__
     collectors = [submit(engine, f"r{i}", prompt) for i, prompt in enumerate(PROMPTS)]
     for prompt, tokens, collector in zip(PROMPTS, expected, collectors):
@@ -141,10 +126,11 @@ def test_architecture_equals_hf_generate_batched_and_from_the_prefix_cache(tmp_p
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU path runs where torch sees one")
 @pytest.mark.parametrize("name", ["gemma2", "gemma3", "glm4"])
-def test_architecture_on_a_gpu_equals_hf_generate(tmp_path, engines, name):
+def test_architecture_on_a_gpu_equals_hf_generate(tmp_path, make_engine, name):
     """Windows, soft-caps, both rope bases and the reordered GLM rows on the GPU (float32; HF on the CPU)."""
     model = random_model(name)
-    engine = engines(saved(model, tmp_path / name), max_num_seqs=4, max_prefill_tokens=16, device="cuda:0")
+    engine = make_engine(saved(model, tmp_path / name), max_model_len=128, max_num_seqs=4, max_prefill_tokens=16,
+                         device="cuda:0")
     collectors = [submit(engine, f"g{i}", prompt) for i, prompt in enumerate(PROMPTS)]
     for prompt, collector in zip(PROMPTS, collectors):
         assert collector.final and collector.tokens == hf_greedy(model, prompt, 12)
@@ -166,7 +152,7 @@ def test_quantized_architecture_computes_its_dequantized_model(name, quantizatio
     assert_logits_close(engine, dequantized_reference(model, held), PROMPTS[2])
 
 
-def test_gemma3_vision_language_checkpoint_runs_its_text_decoder(tmp_path, engines):
+def test_gemma3_vision_language_checkpoint_runs_its_text_decoder(tmp_path, make_engine):
     """Gemma 3 4B and larger are Gemma3ForConditionalGeneration: the engine runs their text
     decoder from the checkpoint (the vision tower's weights are never read) and answers text
     prompts as transformers' whole model does."""
@@ -182,7 +168,7 @@ def test_gemma3_vision_language_checkpoint_runs_its_text_decoder(tmp_path, engin
                 parameter.add_(0.3 * torch.randn_like(parameter))
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    engine = engines(saved(model, tmp_path), max_num_seqs=4, max_prefill_tokens=16)
+    engine = make_engine(saved(model, tmp_path), max_model_len=128, max_num_seqs=4, max_prefill_tokens=16)
     assert engine.runner.architecture == "Gemma3ForConditionalGeneration"
     collectors = [submit(engine, f"r{i}", prompt) for i, prompt in enumerate(PROMPTS[1:3])]
     for prompt, collector in zip(PROMPTS[1:3], collectors):
