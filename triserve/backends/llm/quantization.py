@@ -250,7 +250,9 @@ class RescoredHead:
             exact = exact * self.scales[top]
         if self.exact.bias is not None:
             exact = exact + self.exact.bias.float()[top]
-        return logits.scatter(-1, top, exact.to(logits.dtype))
+        # float32 logits: the exact candidates rounded back to bfloat16 would tie, and a tie lets
+        # the argmax and a top-k of the same row name different tokens
+        return logits.float().scatter(-1, top, exact)
 
 
 def embedding_weight(weight: Weight) -> DenseWeight | Int8Weight:
