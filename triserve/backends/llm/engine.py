@@ -487,8 +487,11 @@ class LLMEngine:
 
     def _decode(self, batch: list[_Sequence]) -> None:
         positions = [s.kv_length for s in batch]
+        # a seeded sequence is reproducible only on the eager steps: whether it runs a step alone
+        # (where the compiled step would take it) depends on when its neighbours come and go
         logits = self.runner.decode(self.kv_cache, [s.token_ids[-1] for s in batch], positions,
-                                    [s.slot for s in batch])
+                                    [s.slot for s in batch],
+                                    compiled=all(s.params.seed is None for s in batch))
         for sequence in batch:
             sequence.kv_length += 1
         if self._faults.enabled:

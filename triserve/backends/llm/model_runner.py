@@ -287,25 +287,26 @@ class ModelRunner:
         return self._forward(token_ids, positions, attend), rows
 
     def decode(self, cache: KVCache, token_ids: list[int], positions: list[int],
-               slots: list[int] | None = None) -> torch.Tensor:
+               slots: list[int] | None = None, compiled: bool = True) -> torch.Tensor:
         """One new token for each sequence, each at its own position, in ``slots`` (default
-        ``0..len(token_ids)-1``). Returns logits [batch, vocab].
+        ``0..len(token_ids)-1``). Returns logits [batch, vocab]. ``compiled=False`` keeps a
+        sequence alone off the compiled step (its sums differ from the eager steps' in the last bits).
 
         The usual batch is every running sequence, slots ``0..n-1``: attention reads a view of
         the cache. While a long prompt is prefilled in chunks its slot sits out, and the others'
         K/V are gathered (a copy) for that step."""
         with self._on_device:  # the index tensors made below live where the model does
-            return self._decode(cache, token_ids, positions, slots)
+            return self._decode(cache, token_ids, positions, slots, compiled)
 
     def _decode(self, cache: KVCache, token_ids: list[int], positions: list[int],
-                slots: list[int] | None) -> torch.Tensor:
+                slots: list[int] | None, compiled: bool) -> torch.Tensor:
         batch = len(token_ids)
         length = max(positions) + 1
         slots = list(range(batch)) if slots is None else slots
         if batch == 1:  # one sequence sees all its keys: its slot's views, no mask
             keys, values = cache.slot_views(slots[0])
             key_positions = self._key_positions[:length]
-            if self.compiled and length < self.max_model_len and torch.get_num_threads() == self._compiled_threads:
+            if compiled and self.compiled and length < self.max_model_len and torch.get_num_threads() == self._compiled_threads:
                 # the compiled step is traced once with the attended length symbolic (>= 2: a
                 # decoded token always follows at least one prompt token), never per length; the
                 # context's very last position (the whole cache) is a shape of its own, and its
