@@ -4,8 +4,8 @@ A frame is a 4-byte little-endian length and a pickle (protocol 5) of a tuple wh
 first item names the message (``stub/runner.py`` has the child's side). Numeric
 numpy arrays travel as they are, with no JSON on the per-request path; object
 arrays (BYTES tensors) travel as ``(shape, flat list of their items)``
-(:func:`pack_array` / :func:`unpack_array`, mirrored in the runner): pickling a
-list of ``bytes`` costs a fraction of numpy's object-array reduce, on both sides.
+(``stub/triserve_wire.py``, which both sides import): pickling a list of ``bytes``
+costs a fraction of numpy's object-array reduce, on both sides.
 
 Messages, parent -> child: ``initialize``, ``execute``, ``finalize``, which the
 child's main thread reads itself, and on the control socket ``cancel`` and
@@ -21,8 +21,7 @@ import pickle
 import struct
 from typing import Any, Callable
 
-import numpy as np
-
+from triserve.backends.python.stub.triserve_wire import pack_array, unpack_array
 from triserve.core import datatypes
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.types import InferRequest, InferTensor
@@ -108,27 +107,6 @@ class FrameProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         self._transport.close()
-
-
-def pack_array(array: np.ndarray) -> Any:
-    """A tensor's wire form: an object array as ``(shape, items)``, any other array as it is."""
-    if array.dtype.hasobject:
-        return tuple(array.shape), array.ravel().tolist()
-    return array
-
-
-def unpack_array(data: Any) -> np.ndarray:
-    """Inverse of :func:`pack_array`."""
-    if type(data) is not tuple:
-        return data
-    shape, items = data
-    array = np.empty(len(items), dtype=np.object_)
-    try:
-        array[:] = items
-    except ValueError:  # items that numpy would read as sequences: placed one by one
-        for index, item in enumerate(items):
-            array[index] = item
-    return array.reshape(shape)
 
 
 def request_payload(job_id: int, request: InferRequest) -> tuple:
