@@ -125,16 +125,18 @@ def test_batched_and_staggered_greedy_equals_hf_generate(model, make_engine):
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                     reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 def test_compiled_decode_step_equals_hf_generate_in_any_slot(model, make_engine):
-    """compile: the batch-1 step runs compiled (one graph for every length and slot), batches
-    beside it stay eager, and every token is still HF's."""
+    """compile: the decode steps run compiled (one graph for a sequence alone, one for batches,
+    each serving every length and slot), and every token is still HF's."""
     engine = make_engine(max_num_seqs=4, compile=True)
     assert engine.runner.compiled
     alone = submit(engine, "alone", PROMPTS[1], max_new_tokens=20)
     assert alone.final and alone.tokens == hf_greedy(model, PROMPTS[1], 20)
     assert engine.runner.compiled_steps == 19  # every decode step of a sequence alone
+    assert engine.runner.compiled_batch_steps == 0
     together = [submit(engine, f"t{i}", prompt, max_new_tokens=12) for i, prompt in enumerate(PROMPTS[:3])]
     for prompt, collector in zip(PROMPTS, together):
         assert collector.final and collector.tokens == hf_greedy(model, prompt, 12)
+    assert engine.runner.compiled_batch_steps >= 10  # the three decoded together, compiled
 
     # slots other than 0 (a sequence decoding alone beside one being prefilled), on a runner
     # of its own: the compiled step's logits are the eager step's
@@ -151,8 +153,16 @@ def test_compiled_decode_step_equals_hf_generate_in_any_slot(model, make_engine)
                 eager = runner.decode(cache, [5], [len(PROMPTS[1])], [slot])
                 runner.compiled = True
                 assert torch.allclose(compiled, eager, atol=1e-4)
-        assert runner.compiled_steps == 2
-        assert not cache.keys[0][1].any()  # nothing written outside the slots used
+            # a batch in slots 3 and 2 (out of order, not from 0: the rows gathered), each at its own length
+            slots, positions = [3, 2], [len(PROMPTS[1]) + 1, len(PROMPTS[1]) + 2]
+            compiled = runner.decode(cache, [7, 9], positions, slots)
+            runner.compiled = False
+            eager = runner.decode(cache, [7, 9], positions, slots)
+            runner.compiled = True
+            assert torch.allclose(compiled, eager, atol=1e-4)
+        assert runner.compiled_steps == 2 and runner.compiled_batch_steps == 1
+        # nothing written outside the slots used, but for position 1 of the compilation's run
+        assert not cache.keys[0][1][:, 2:].any() and not cache.keys[0][1][:, 0].any()
     finally:
         torch.set_num_threads(threads)
 
@@ -166,6 +176,25 @@ def test_int4_head_keeps_hf_greedy_tokens(model, make_engine):
     for prompt, collector in zip(PROMPTS, collectors):
         assert collector.final and collector.tokens == hf_greedy(model, prompt, 16)
     assert engine.runner.weight_bytes > plain.runner.weight_bytes
+
+
+def test_int4_head_ranks_a_batch_in_int8_and_keeps_the_greedy_tokens(make_engine):
+    """An int8 head with head_quantization int4: a batch of 4+ sequences is ranked in int8 (its
+    rows quantized, times the int8 table itself: torch._int_mm), the likeliest tokens rescored
+    exactly; greedy tokens stay the int8 head's, and the tail is closer to it than int4's."""
+    plain = make_engine(max_num_seqs=len(PROMPTS), quantization="int8")
+    engine = make_engine(max_num_seqs=len(PROMPTS), quantization="int8", head_quantization="int4")
+    expected = [submit(plain, f"p{i}", prompt, max_new_tokens=16) for i, prompt in enumerate(PROMPTS)]
+    got = [submit(engine, f"q{i}", prompt, max_new_tokens=16) for i, prompt in enumerate(PROMPTS)]
+    for want, have in zip(expected, got):
+        assert have.final and have.tokens == want.tokens
+    head = engine.runner.lm_head
+    hidden = torch.randn(len(PROMPTS), 64, generator=torch.Generator().manual_seed(0))
+    exact = head.exact(hidden).float()
+    in_int8, in_int4 = head(hidden, rank_int8=True), head(hidden, rank_int8=False)
+    top = exact.topk(8, dim=-1).indices
+    assert torch.allclose(in_int8.gather(-1, top), exact.gather(-1, top), atol=0.02)
+    assert (in_int8 - exact).abs().mean() < (in_int4 - exact).abs().mean() / 2
 
 
 def test_kv_cache_is_reserved_once_from_its_byte_budget(model, make_engine):

@@ -35,8 +35,8 @@ from triserve.backends.llm.architectures import (ACTIVATIONS, SUPPORTED_ARCHITEC
                                                  apply_rope, architecture_of, check_supported, family_of,
                                                  language_model, layer_windows, qk_row_order, rope_tables)
 from triserve.backends.llm.kv_cache import KVCache
-from triserve.backends.llm.quantization import (DenseWeight, Embedding, Linear, RescoredHead, Weight,
-                                                concatenate, embedding_weight, make_linear, quantize, take_rows)
+from triserve.backends.llm.quantization import (INT8_RANK_MIN_ROWS, DenseWeight, Embedding, Linear, RescoredHead,
+                                                Weight, concatenate, embedding_weight, make_linear, quantize, take_rows)
 
 __all__ = ["DTYPES", "SUPPORTED_ARCHITECTURES", "ModelRunner", "PrefillChunk", "check_supported"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -213,9 +213,12 @@ class ModelRunner:
                                  f"'{self.device}'")
             self.lm_head = RescoredHead(self.lm_head, self.dtype)
         self._key_positions = torch.arange(max_model_len, device=self.device)
-        self._decode_one = self._decode_single  # or its compiled form (compile_decode)
+        # or their compiled forms (compile_decode)
+        self._decode_one, self._decode_many = self._decode_single, self._decode_batch
         self.compiled, self._compiled_threads = False, 0
         self.compiled_steps = 0  # batch-1 steps that ran compiled
+        self.compiled_batch_steps = 0  # steps of several sequences that ran compiled
+        self._batch_ranges: list[tuple[int, int]] = []  # (smallest, largest) batch of each batch graph
         self._stance = "eager_on_recompile"  # once compiled: never compile again while serving
         self.weight_bytes = self._count_bytes(tied)
 
@@ -289,8 +292,10 @@ class ModelRunner:
     def decode(self, cache: KVCache, token_ids: list[int], positions: list[int],
                slots: list[int] | None = None, compiled: bool = True) -> torch.Tensor:
         """One new token for each sequence, each at its own position, in ``slots`` (default
-        ``0..len(token_ids)-1``). Returns logits [batch, vocab]. ``compiled=False`` keeps a
-        sequence alone off the compiled step (its sums differ from the eager steps' in the last bits).
+        ``0..len(token_ids)-1``). Returns logits [batch, vocab]. ``compiled=False`` keeps the
+        step off the compiled graphs (their sums differ from the eager step's in the last bits) and
+        off the head's int8 ranking of several rows: what a seeded sequence needs to be
+        reproducible whatever its neighbours.
 
         The usual batch is every running sequence, slots ``0..n-1``: attention reads a view of
         the cache. While a long prompt is prefilled in chunks its slot sits out, and the others'
@@ -323,6 +328,18 @@ class ModelRunner:
 
         position = torch.tensor(positions)
         rows = torch.tensor(slots)
+        if compiled and self.compiled and length < self.max_model_len and torch.get_num_threads() == self._compiled_threads:
+            # one graph for every batch size and length (both symbolic), any slots
+            key_positions = self._key_positions[:length]
+            torch._dynamo.mark_dynamic(key_positions, 0, min=2, max=self.max_model_len - 1)
+            token_tensor = torch.tensor(token_ids)
+            low, high = next(r for r in self._batch_ranges if r[0] <= batch <= r[1])
+            if low < high:
+                for tensor in (token_tensor, position, rows):
+                    torch._dynamo.mark_dynamic(tensor, 0, min=low, max=high)
+            self.compiled_batch_steps += 1
+            with torch.compiler.set_stance(self._stance):
+                return self._decode_many(cache.keys, cache.values, token_tensor, position, rows, key_positions)
         contiguous = slots == list(range(batch))
         key_positions = torch.arange(length)[None, :]
         causal = key_positions <= position[:, None]
@@ -346,26 +363,37 @@ class ModelRunner:
             out = self._attention(grouped, keys, values, mask)
             return out.reshape(batch, -1)
 
-        return self._logits(self._forward(torch.tensor(token_ids), position, attend))
+        return self._logits(self._forward(torch.tensor(token_ids), position, attend), rank_int8=compiled)
 
     def compile_decode(self, cache: KVCache) -> None:
-        """Compile the batch-1 decode step with ``torch.compile`` (inductor: the ~40 small operations
+        """Compile the decode step with ``torch.compile`` (inductor: the ~40 small operations
         around each layer's matmuls fused into a few kernels) and run it once, so that the
-        compilation happens now, not in the first request. Later steps of any length and any
-        slot reuse it; batches of several sequences and prefill stay eager. On failure (e.g. no
-        C++ compiler) the eager step stays and the exception propagates."""
+        compilation happens now, not in the first request: two graphs, one for a sequence alone
+        and one for batches (their size symbolic), each serving every length and any slots.
+        Prefill stays eager. On failure (e.g. no C++ compiler) the eager step stays and the
+        exception propagates."""
         if self.windows != {None} or self.attention_softcap is not None:
             raise ValueError(f"the {self.architecture} decode step (sliding-window or soft-capped attention) "
                              f"is not compiled")
         self._decode_one = torch.compile(self._decode_single, fullgraph=True)
+        self._decode_many = torch.compile(self._decode_batch, fullgraph=True)
+        # batch sizes each batch graph serves: a head that ranks rows in int8 from some number of
+        # rows on (RescoredHead) makes a graph below that number and one from it
+        bounds = [2, cache.slots + 1]
+        if isinstance(self.lm_head, RescoredHead) and self.lm_head.scales is not None:
+            bounds.insert(1, INT8_RANK_MIN_ROWS)
+        self._batch_ranges = [(low, high - 1) for low, high in zip(bounds, bounds[1:]) if low < high]
         self.compiled, self._stance, self._compiled_threads = True, "default", torch.get_num_threads()
         try:
-            self.decode(cache, [0], [1], [0])  # writes position 1 of slot 0: no sequence holds it yet
+            # position 1 of the first slots: no sequence holds it yet
+            self.decode(cache, [0], [1], [0])
+            for low, _ in self._batch_ranges:
+                self.decode(cache, [0] * low, [1] * low, list(range(low)))
         except BaseException:
-            self._decode_one, self.compiled = self._decode_single, False
+            self._decode_one, self._decode_many, self.compiled = self._decode_single, self._decode_batch, False
             raise
         finally:
-            self._stance, self.compiled_steps = "eager_on_recompile", 0
+            self._stance, self.compiled_steps, self.compiled_batch_steps = "eager_on_recompile", 0, 0
 
     def _decode_single(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_ids: torch.Tensor,
                        position: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
@@ -395,6 +423,32 @@ class ModelRunner:
             return out.to(q.dtype).reshape(1, -1)
 
         return self._logits(self._forward(token_ids, position, attend))
+
+    def _decode_batch(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_ids: torch.Tensor,
+                      position: torch.Tensor, rows: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of several sequences (full attention only): the sequences' cache
+        rows are ``rows`` of every layer's ``keys``/``values`` ([slots, kv_heads, capacity,
+        head_dim] each), their new tokens at ``position``, and they attend positions
+        ``0..len(key_positions)-1``, each up to its own position. What ``torch.compile``
+        compiles for batches: the attention is written as float32 reductions over the rows'
+        keys, which the compiler fuses with the gather of those rows (no copy of their K/V, and
+        none of SDPA's per-call cost)."""
+        batch, length = token_ids.shape[0], key_positions.shape[0]
+        hidden = (key_positions[None, :] > position[:, None])[:, None, None, :]  # [batch, 1, 1, keys]
+        scale = self.attention_scale or self.head_dim ** -0.5
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            layer_keys, layer_values = keys[index], values[index]
+            layer_keys[rows, :, position] = k
+            layer_values[rows, :, position] = v
+            grouped = q.reshape(batch, self.num_kv_heads, self.group, 1, self.head_dim).float()
+            seen_keys = layer_keys[rows, :, :length].float()[:, :, None]  # [batch, kv_heads, 1, keys, head_dim]
+            scores = ((grouped * seen_keys).sum(-1) * scale).masked_fill(hidden, float("-inf"))
+            weights = torch.softmax(scores, dim=-1)  # [batch, kv_heads, group, keys]
+            out = (weights[..., None] * layer_values[rows, :, :length].float()[:, :, None]).sum(-2)
+            return out.to(q.dtype).reshape(batch, -1)
+
+        return self._logits(self._forward(token_ids, position, attend), rank_int8=True)
 
     def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """The decoder stack over ``tokens`` rows (one per new token); returns hidden states."""
@@ -446,10 +500,14 @@ class ModelRunner:
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits on the CPU, where sampling runs (its generators are CPU ones)."""
+    def _logits(self, hidden: torch.Tensor, rank_int8: bool = False) -> torch.Tensor:
+        """float32 logits on the CPU, where sampling runs (its generators are CPU ones).
+        ``rank_int8``: a :class:`RescoredHead` may rank several rows in int8 (see there)."""
         hidden = F.rms_norm(hidden, hidden.shape[-1:], self.final_norm, self.eps)
-        logits = self.lm_head(hidden).float()
+        if isinstance(self.lm_head, RescoredHead):
+            logits = self.lm_head(hidden, rank_int8).float()
+        else:
+            logits = self.lm_head(hidden).float()
         if self.final_softcap is not None:  # Gemma 2
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.cpu()
