@@ -178,6 +178,28 @@ def test_int4_head_keeps_hf_greedy_tokens(model, make_engine):
     assert engine.runner.weight_bytes > plain.runner.weight_bytes
 
 
+def test_int8_ranked_head_keeps_the_greedy_tokens_without_a_copy(make_engine):
+    """head_quantization int8 over an int8 head: every row is ranked by torch._int_mm over the
+    int8 table itself (no copy), the likeliest tokens rescored exactly: greedy tokens stay the
+    int8 head's, alone and batched."""
+    plain = make_engine(max_num_seqs=len(PROMPTS), quantization="int8")
+    engine = make_engine(max_num_seqs=len(PROMPTS), quantization="int8", head_quantization="int8")
+    assert engine.runner.weight_bytes == plain.runner.weight_bytes
+    alone, reference = (submit(e, "alone", PROMPTS[3], max_new_tokens=16) for e in (engine, plain))
+    assert alone.final and reference.final and alone.tokens == reference.tokens
+    expected = [submit(plain, f"p{i}", prompt, max_new_tokens=16) for i, prompt in enumerate(PROMPTS)]
+    got = [submit(engine, f"q{i}", prompt, max_new_tokens=16) for i, prompt in enumerate(PROMPTS)]
+    for want, have in zip(expected, got):
+        assert have.final and have.tokens == want.tokens
+    head = engine.runner.lm_head
+    hidden = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    exact, ranked = head.exact(hidden).float(), head(hidden[:1])
+    top = exact[:1].topk(8, dim=-1).indices
+    assert torch.allclose(ranked.gather(-1, top), exact[:1].gather(-1, top), atol=0.02)
+    # a row's logits, tail included, do not depend on its batch (but for float32 rounding)
+    assert torch.allclose(head(hidden)[:1], ranked, rtol=0, atol=1e-5)
+
+
 def test_int4_head_ranks_a_batch_in_int8_and_keeps_the_greedy_tokens(make_engine):
     """An int8 head with head_quantization int4: a batch of 4+ sequences is ranked in int8 (its
     rows quantized, times the int8 table itself: torch._int_mm), the likeliest tokens rescored

@@ -49,6 +49,7 @@ FORMATS = {
     "int4, head int4": ("dense", "bfloat16", "int4", "int4"),
     "GGUF Q4_1, head Q8_0 as stored (int8)": ("gguf", "bfloat16", "none", "none"),
     "GGUF Q4_1, head int4 (head_quantization: int4)": ("gguf", "bfloat16", "none", "int4"),
+    "GGUF Q4_1, head ranked in int8 (head_quantization: int8, the default)": ("gguf", "bfloat16", "none", "int8"),
 }
 
 

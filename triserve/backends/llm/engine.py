@@ -99,8 +99,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be at least 1, got {self.max_prefill_tokens}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype '{self.dtype}'; expected one of {', '.join(DTYPES)}")
-        if self.head_quantization not in ("none", "int4"):
-            raise ValueError(f"unknown head_quantization '{self.head_quantization}'; expected none or int4")
+        if self.head_quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"unknown head_quantization '{self.head_quantization}'; expected none, int8 or int4")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization '{self.quantization}'; "
                              f"expected one of {', '.join(QUANTIZATIONS)}")

@@ -35,8 +35,8 @@ from triserve.backends.llm.architectures import (ACTIVATIONS, SUPPORTED_ARCHITEC
                                                  apply_rope, architecture_of, check_supported, family_of,
                                                  language_model, layer_windows, qk_row_order, rope_tables)
 from triserve.backends.llm.kv_cache import KVCache
-from triserve.backends.llm.quantization import (INT8_RANK_MIN_ROWS, DenseWeight, Embedding, Linear, RescoredHead,
-                                                Weight, concatenate, embedding_weight, make_linear, quantize, take_rows)
+from triserve.backends.llm.quantization import (DenseWeight, Embedding, Linear, RescoredHead, Weight,
+                                                concatenate, embedding_weight, make_linear, quantize, take_rows)
 
 __all__ = ["DTYPES", "SUPPORTED_ARCHITECTURES", "ModelRunner", "PrefillChunk", "check_supported"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -207,11 +207,11 @@ class ModelRunner:
             self.lm_head = make_linear(head, None, self.dtype, self.device)
         self.rope_tables = [(cos.to(self.device, self.dtype), sin.to(self.device, self.dtype))
                             for cos, sin in tables]
-        if head_quantization == "int4":
+        if head_quantization != "none":
             if self.device.type != "cpu":
-                raise ValueError(f"head_quantization int4 runs on torch's CPU kernels only, not on device "
-                                 f"'{self.device}'")
-            self.lm_head = RescoredHead(self.lm_head, self.dtype)
+                raise ValueError(f"head_quantization {head_quantization} runs on torch's CPU kernels only, "
+                                 f"not on device '{self.device}'")
+            self.lm_head = RescoredHead(self.lm_head, self.dtype, ranking=head_quantization)
         self._key_positions = torch.arange(max_model_len, device=self.device)
         # or their compiled forms (compile_decode)
         self._decode_one, self._decode_many = self._decode_single, self._decode_batch
@@ -237,8 +237,8 @@ class ModelRunner:
     def _count_bytes(self, tied: bool) -> int:
         """Bytes of every weight the runner holds (what a decode step reads, plus the embedding)."""
         total = self.embed_tokens.nbytes + (0 if tied else self.lm_head.nbytes)
-        if tied and isinstance(self.lm_head, RescoredHead):  # its int4 copy beside the table
-            total += self.lm_head.fast.nbytes
+        if tied and isinstance(self.lm_head, RescoredHead):  # a ranking copy beside the table
+            total += self.lm_head.extra_nbytes
         total += self.final_norm.numel() * self.final_norm.element_size()
         total += sum(t.numel() * t.element_size() for table in self.rope_tables for t in table)
         for layer in self.layers:
@@ -380,8 +380,8 @@ class ModelRunner:
         # batch sizes each batch graph serves: a head that ranks rows in int8 from some number of
         # rows on (RescoredHead) makes a graph below that number and one from it
         bounds = [2, cache.slots + 1]
-        if isinstance(self.lm_head, RescoredHead) and self.lm_head.scales is not None:
-            bounds.insert(1, INT8_RANK_MIN_ROWS)
+        if isinstance(self.lm_head, RescoredHead) and (self.lm_head.int8_from_rows or 0) > 2:
+            bounds.insert(1, self.lm_head.int8_from_rows)
         self._batch_ranges = [(low, high - 1) for low, high in zip(bounds, bounds[1:]) if low < high]
         self.compiled, self._stance, self._compiled_threads = True, "default", torch.get_num_threads()
         try:

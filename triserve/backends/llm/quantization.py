@@ -219,58 +219,84 @@ class Embedding:
         return rows.to(self.dtype) * self.scales[token_ids, None]
 
 
-# From this many rows the int8 ranking of RescoredHead pays (2 threads, SmolLM2's head, in a
-# decode step: 2 rows are slower in int8, the whole int8 table being read; 4 rows 1.5x faster)
+# From this many rows the int8 ranking of a RescoredHead that ranks one row in int4 pays (2
+# threads, SmolLM2's head, in a decode step: 2 rows are slower in int8, the whole int8 table
+# being read; 4 rows 1.5x faster)
 INT8_RANK_MIN_ROWS = 4
 
 
 class RescoredHead:
-    """An output head read as int4, its likeliest logits recomputed from the exact head.
+    """An output head whose vocabulary is ranked by a cheap pass, its likeliest logits then
+    recomputed from the exact head.
 
     The head is the largest matrix a decode step reads (SmolLM2: 49152 x 576, 28 MB as int8,
-    30% of the bytes per token). The int4 kernel reads it in under half the time of the int8
-    one, but int4 alone moves the argmax of 17% of positions (and perplexity by 7%). So the
-    int4 pass only ranks the vocabulary: the top ``candidates`` logits of each row are then
-    recomputed from the exact (int8 or dense) rows, in float32, and replace the int4 ones. A
-    greedy token is the exact head's argmax unless that token is not among the int4 pass's top
-    candidates; the tail of the distribution keeps int4 values. The price is memory: the int4
-    copy of the head is held beside the exact one (SmolLM2: +18 MB).
+    30% of the bytes per token), and the weight-only kernels are slow on it: the int8 one reads
+    it at a fraction of the memory bandwidth, and at several rows both it and the int4 one are
+    bound by arithmetic (16 rows take 7x one row's time). So a cheap pass only ranks the
+    vocabulary; the top ``candidates`` logits of each row are then recomputed from the exact
+    (int8 or dense) rows in float32 and replace the cheap ones. A greedy token is the exact
+    head's argmax unless that token is not among the cheap pass's top candidates (SmolLM2 on
+    bench/llm/quality_text.txt: never); the tail of the distribution keeps the cheap values.
 
-    Several rows at once (a batch of sequences) rank differently when the exact head is int8:
-    the int4 kernel is bound by arithmetic there (16 rows take 7x one row's time), so the rows
-    are quantized to int8 (one scale each) and multiplied by the int8 table itself with
-    ``torch._int_mm``, whose integer dot products (AVX-512 VNNI) take a quarter of the int4
-    kernel's time at 16 rows; the top candidates are rescored exactly as above."""
+    ``ranking``:
 
-    def __init__(self, exact: "DenseLinear | Int8Linear", dtype: torch.dtype, candidates: int = 64):
-        weight = exact.weight.float()
-        if isinstance(exact, Int8Linear):
-            weight = weight * exact.scales.float()[:, None]
+    - ``int8``: the rows are quantized to int8 (one scale each) and multiplied by an int8 table
+      with ``torch._int_mm``, whose integer dot products (AVX-512 VNNI) take a quarter of the
+      int4 kernel's time at 16 rows and as long as it at one row (two threads). The table is the
+      exact head itself when that is int8 (a GGUF's Q8_0 table, ``quantization: int8``): no
+      copy; a dense head is quantized to an int8 copy.
+    - ``int4``: an int4 copy of the head (SmolLM2: +18 MB) ranks a single row with the int4
+      kernel (5-10% faster than int8 at one thread); from :data:`INT8_RANK_MIN_ROWS` rows on,
+      when the exact head is int8, the rows rank in int8 as above (``rank_int8``)."""
+
+    def __init__(self, exact: "DenseLinear | Int8Linear", dtype: torch.dtype, ranking: str = "int8",
+                 candidates: int = 64):
+        if ranking not in ("int8", "int4"):
+            raise ValueError(f"unknown head ranking '{ranking}'; expected int8 or int4")
         self.exact = exact
-        self.fast = Int4Linear(Int4Weight.quantize(weight), None, dtype)
-        self.candidates = min(candidates, weight.shape[0])
-        self.scales = exact.scales.float() if isinstance(exact, Int8Linear) else None
-        self.nbytes = self.fast.nbytes + exact.nbytes  # both held
+        self.candidates = min(candidates, exact.weight.shape[0])
+        self.extra_nbytes = 0  # held beside the exact head
+        self.fast: Int4Linear | None = None
+        self.exact_scales = exact.scales.float() if isinstance(exact, Int8Linear) else None
+        if isinstance(exact, Int8Linear):
+            self.table, self.table_scales = exact.weight, self.exact_scales
+        elif ranking == "int8":
+            copy = Int8Weight.quantize(exact.weight)
+            self.table, self.table_scales = copy.q, copy.scales
+            self.extra_nbytes += _nbytes(copy.q, copy.scales)
+        else:
+            self.table = self.table_scales = None
+        if ranking == "int4":
+            weight = exact.weight.float()
+            if isinstance(exact, Int8Linear):
+                weight = weight * exact.scales.float()[:, None]
+            self.fast = Int4Linear(Int4Weight.quantize(weight), None, dtype)
+            self.extra_nbytes += self.fast.nbytes
+        # rows from which ranking is int8 (None: never); where it changes, a seeded sequence
+        # keeps the one-row ranking whatever its batch
+        self.int8_from_rows = 1 if ranking == "int8" else (None if self.table is None else INT8_RANK_MIN_ROWS)
+        self.nbytes = exact.nbytes + self.extra_nbytes
 
     def _rank_int8(self, x: torch.Tensor) -> torch.Tensor:
-        """Approximate logits of several rows: the rows quantized to int8, times the int8 table."""
+        """Approximate logits: the rows quantized to int8, times the int8 table."""
         x = x.float()
         row_scales = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
         quantized = torch.round(x / row_scales).to(torch.int8)
-        return torch._int_mm(quantized, self.exact.weight.t()).float() * self.scales * row_scales
+        return torch._int_mm(quantized, self.table.t()).float() * self.table_scales * row_scales
 
     def __call__(self, x: torch.Tensor, rank_int8: bool = False) -> torch.Tensor:
-        """``rank_int8``: several rows may be ranked in int8 (the tail of their distribution is then
-        the int8 one, not the int4 one: a seeded sequence keeps the int4 ranking whatever its batch)."""
-        if rank_int8 and x.shape[0] >= INT8_RANK_MIN_ROWS and self.scales is not None:
+        """``rank_int8``: several rows may rank in int8 where one row ranks in int4 (not for a
+        step holding a seeded sequence: its tail would depend on its neighbours)."""
+        start = self.int8_from_rows
+        if start is not None and x.shape[0] >= start and (start == 1 or rank_int8):
             logits = self._rank_int8(x)
         else:
             logits = self.fast(x)
         top = logits.topk(self.candidates, dim=-1).indices  # [rows, candidates]
         rows = self.exact.weight[top].float()  # [rows, candidates, hidden]
         exact = (rows @ x.float()[:, :, None])[..., 0]
-        if self.scales is not None:
-            exact = exact * self.scales[top]
+        if self.exact_scales is not None:
+            exact = exact * self.exact_scales[top]
         if self.exact.bias is not None:
             exact = exact + self.exact.bias.float()[top]
         # float32 logits: the exact candidates rounded back to bfloat16 would tie, and a tie lets
