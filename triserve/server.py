@@ -124,9 +124,10 @@ class Frontends:
         self._http = _uvicorn(create_app(core, options), options, options.http_port,
                               options.log_verbose > 0)
         metrics_app = create_metrics_app(*([metrics_registry] if metrics_registry else []))
-        # the middleware passes everything when no key is set
+        # the middleware passes everything when no key is set; the access log is uvicorn's one
+        # "uvicorn.access" logger, which a Config with access_log=False silences for both servers
         self._metrics = _uvicorn(AuthMiddleware(metrics_app, Gate(options.access)), options,
-                                 options.metrics_port, False)
+                                 options.metrics_port, options.log_verbose > 0)
         # Bound up front, so a taken port is one clear error before any model loads.
         self._http_listener = _listen(options.host, options.http_port, "HTTP")
         self._metrics_listener = _listen(options.host, options.metrics_port, "metrics")
