@@ -12,6 +12,9 @@ KServe inference, the one hot path, skips Starlette: :class:`TriserveApp` matche
 ``POST /v2/models/{model}[/versions/{version}]/infer`` on the raw ASGI scope and
 answers it with :func:`kserve.infer` directly, without Request/Response objects,
 routing or the exception middleware, which cost more CPU than the inference itself.
+Its plain form does not even reach the app as ASGI: triserve's httptools protocol
+(:mod:`.protocol`) calls :meth:`TriserveApp.answer_infer` from its own request cycle and
+writes the answer to the socket. Both paths answer through that one method.
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ without a task of its own waiting on ``receive()``.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from typing import Callable
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from triserve.frontends.http.app import TriserveApp
@@ -98,7 +99,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if (self.expect_100_continue or parser.get_method() != b"POST" or parser.get_http_version() != "1.1"
                 or parser.should_upgrade()):
             return False
-        raw_path, _, query = bytes(self.url).partition(b"?")
+        raw_path, _, query = self.url.partition(b"?")
         if b"%" in raw_path or b"#" in self.url or not raw_path.isascii():
             return False  # uvicorn's URL parsing and unquoting decide those
         path = raw_path.decode("ascii")
@@ -178,12 +179,13 @@ class FastInferCycle(RequestResponseCycle):
         self._model = model
         self._version = version
 
-    async def run_asgi(self, app: Any) -> None:
-        """Answer the request; uvicorn's ``run_asgi`` around it logs a failure and answers 500."""
+    async def run_asgi(self, app: TriserveApp) -> None:  # type: ignore[override]
+        """Answer the request (``app`` is the :class:`TriserveApp` the protocol queued it with);
+        uvicorn's ``run_asgi`` around the answer logs a failure and answers 500 as for any app."""
         self._app = app
         await super().run_asgi(self._answer)
 
-    async def _answer(self, scope: Any, receive: Any, send: Any) -> None:
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         answer = await self._app.answer_infer(scope, receive, send, self._model, self._version)
         if answer is None:
             return  # refused (sent through send) or the client left
