@@ -7,6 +7,8 @@ tritonclient for connection reuse, a second server for the API key and the acces
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import struct
 import threading
@@ -18,8 +20,9 @@ import psutil
 import pytest
 import tritonclient.http as httpclient
 
-from serverproc import ServerProcess
 from conftest import TEST_REPOSITORY
+from rawhttp import make_repository
+from serverproc import ServerProcess
 
 
 def infer_request(model: str, values: list[float], *, version: str = "", extra_headers: str = "") -> bytes:
@@ -259,3 +262,23 @@ def test_binary_request_through_struct_framed_bytes(core_server):
         for _ in range(3):
             status, _, body = read_response(stream)
             assert status == 200 and outputs(body) == ["hello", "", "wörld"]
+
+
+def test_sigterm_waits_for_an_infer_in_flight(tmp_path):
+    """Graceful shutdown: the answer being computed still arrives, whole; the request queued
+    behind it on the connection is refused as shutting down; then the connection closes."""
+    repository = make_repository(tmp_path / "repository", [], slow=True)
+    server = ServerProcess(repository).start()
+    try:
+        with connect(server) as sock, sock.makefile("rb") as stream:
+            sock.sendall(infer_request("slow", [1.5, 2.0]) + infer_request("slow", [0.0]))
+            time.sleep(0.5)  # the model is sleeping on the first
+            os.kill(server.proc.pid, signal.SIGTERM)
+            status, _, body = read_response(stream)
+            assert status == 200 and outputs(body) == [1.5, 2.0]
+            status, _, body = read_response(stream)
+            assert status == 503 and "shutting down" in json.loads(body)["error"]
+            assert stream.read() == b""
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.stop()
