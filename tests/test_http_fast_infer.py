@@ -13,7 +13,6 @@ import socket
 import struct
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -21,8 +20,9 @@ import pytest
 import tritonclient.http as httpclient
 
 from conftest import TEST_REPOSITORY
-from rawhttp import make_repository
+from rawhttp import make_repository, read_next_response
 from serverproc import ServerProcess
+from test_python_backend import cancelled_so_far, wait_for_file
 
 
 def infer_request(model: str, values: list[float], *, version: str = "", extra_headers: str = "") -> bytes:
@@ -37,16 +37,10 @@ def get_request(path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
 
 
-def read_response(stream) -> tuple[int, dict[str, str], bytes]:
-    """One response from a buffered socket file: status, headers (lower-case names), body."""
-    status_line = stream.readline()
-    assert status_line.startswith(b"HTTP/1.1 "), status_line
-    headers: dict[str, str] = {}
-    while (line := stream.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    body = stream.read(int(headers.get("content-length", 0)))
-    return int(status_line.split()[1]), headers, body
+def answer(stream) -> tuple[int, dict[str, str], bytes]:
+    """The next response on the connection: status, headers (lower-case names), body."""
+    response = read_next_response(stream)
+    return response.status, response.headers, response.body
 
 
 def outputs(body: bytes) -> list[float]:
@@ -63,7 +57,7 @@ def test_pipelined_infer_requests_are_answered_in_order(core_server):
     with connect(core_server) as sock, sock.makefile("rb") as stream:
         sock.sendall(b"".join(infer_request("identity_fp32", [float(i), -1.0]) for i in range(20)))
         for i in range(20):
-            status, headers, body = read_response(stream)
+            status, headers, body = answer(stream)
             assert status == 200 and headers["content-type"] == "application/json"
             assert outputs(body) == [float(i), -1.0]
 
@@ -82,7 +76,7 @@ def test_infer_and_other_requests_pipelined_keep_their_order(core_server):
     with connect(core_server) as sock, sock.makefile("rb") as stream:
         sock.sendall(b"".join(request for request, _, _ in requests))
         for request, status, expected in requests:
-            got_status, _, body = read_response(stream)
+            got_status, _, body = answer(stream)
             assert got_status == status, (request[:60], body)
             if isinstance(expected, list):
                 assert outputs(body) == expected
@@ -103,11 +97,11 @@ def test_a_request_split_into_single_byte_writes_is_answered(core_server):
         for i in range(len(request)):
             sock.send(request[i:i + 1])
             time.sleep(0.0005)
-        status, headers, answer = read_response(stream)
+        status, headers, reply = answer(stream)
     assert status == 200
     json_length = int(headers["inference-header-content-length"])
-    assert json.loads(answer[:json_length])["outputs"][0]["parameters"]["binary_data_size"] == len(binary)
-    assert answer[json_length:] == binary
+    assert json.loads(reply[:json_length])["outputs"][0]["parameters"]["binary_data_size"] == len(binary)
+    assert reply[json_length:] == binary
 
 
 def test_connection_close_and_http_1_0_end_the_connection_after_the_answer(core_server):
@@ -115,7 +109,7 @@ def test_connection_close_and_http_1_0_end_the_connection_after_the_answer(core_
                     infer_request("identity_fp32", [7.0]).replace(b"HTTP/1.1", b"HTTP/1.0", 1)):
         with connect(core_server) as sock, sock.makefile("rb") as stream:
             sock.sendall(request + infer_request("identity_fp32", [8.0]))  # the second is never answered
-            status, headers, body = read_response(stream)
+            status, headers, body = answer(stream)
             assert status == 200 and outputs(body) == [7.0]
             assert headers["connection"] == "close"
             assert stream.read() == b""  # closed by the server
@@ -128,8 +122,8 @@ def test_expect_100_continue_is_honoured(core_server):
         sock.sendall(head + b"\r\n\r\n")
         assert stream.readline() == b"HTTP/1.1 100 Continue\r\n" and stream.readline() == b"\r\n"
         sock.sendall(body)
-        status, _, answer = read_response(stream)
-    assert status == 200 and outputs(answer) == [9.0]
+        status, _, reply = answer(stream)
+    assert status == 200 and outputs(reply) == [9.0]
 
 
 def test_large_pipelined_answers_arrive_whole_to_a_slow_reader(core_server):
@@ -152,7 +146,7 @@ def test_large_pipelined_answers_arrive_whole_to_a_slow_reader(core_server):
         sender.start()
         time.sleep(1.0)  # the server writes until the socket is full, then waits for the reader
         for array in values:
-            status, headers, body = read_response(stream)
+            status, headers, body = answer(stream)
             assert status == 200
             json_length = int(headers["inference-header-content-length"])
             assert body[json_length:] == array.tobytes()
@@ -183,30 +177,16 @@ def cancellable_request(text: str) -> bytes:
             ).encode() + body
 
 
-def cancelled_so_far(server: ServerProcess) -> int:
-    with connect(server) as sock, sock.makefile("rb") as stream:
-        sock.sendall(cancellable_request("__cancelled__"))
-        status, _, body = read_response(stream)
-    assert status == 200
-    return int(json.loads(body)["outputs"][0]["data"][0])
-
-
-def wait_for_file(path: Path) -> None:
-    for _ in range(3000):
-        if path.exists():
-            return
-        time.sleep(0.01)
-    raise AssertionError("the model never got the request")
-
-
 def test_leaving_mid_pipeline_cancels_the_work_and_drops_the_queued_request(core_server, tmp_path):
-    before = cancelled_so_far(core_server)
+    client = httpclient.InferenceServerClient(core_server.http_url)
+    before = cancelled_so_far(client)
     first, second = tmp_path / "first", tmp_path / "second"
     with connect(core_server) as sock:
         sock.sendall(cancellable_request(f"60 {first}") + cancellable_request(f"60 {second}"))
         wait_for_file(first)
     # the model saw the first cancelled (without it, the count would come 60 s later, unchanged)
-    assert cancelled_so_far(core_server) == before + 1
+    assert cancelled_so_far(client) == before + 1
+    client.close()
     assert not second.exists()  # the queued request of a connection that went away never ran
 
 
@@ -216,7 +196,7 @@ def test_leaving_mid_body_leaves_the_server_serving(core_server):
         sock.sendall(request[:-5])
     with connect(core_server) as sock, sock.makefile("rb") as stream:
         sock.sendall(request)
-        status, _, body = read_response(stream)
+        status, _, body = answer(stream)
     assert status == 200 and outputs(body) == [1.0, 2.0]
 
 
@@ -233,8 +213,8 @@ def test_the_api_key_and_the_access_log_apply_to_pipelined_infer(keyed_server):
                      + infer_request("identity_fp32", [2.0], version="1",
                                      extra_headers="Authorization: Bearer sesame\r\n")
                      + infer_request("identity_fp32", [3.0]))
-        assert [read_response(stream)[0] for _ in range(2)] == [200, 200]
-        status, headers, body = read_response(stream)
+        assert [answer(stream)[0] for _ in range(2)] == [200, 200]
+        status, headers, body = answer(stream)
         assert status == 401 and headers["www-authenticate"] == "Bearer" and headers["connection"] == "close"
         assert "error" in json.loads(body)
         assert stream.read() == b""
@@ -260,7 +240,7 @@ def test_binary_request_through_struct_framed_bytes(core_server):
     with connect(core_server) as sock, sock.makefile("rb") as stream:
         sock.sendall(request * 3)
         for _ in range(3):
-            status, _, body = read_response(stream)
+            status, _, body = answer(stream)
             assert status == 200 and outputs(body) == ["hello", "", "wörld"]
 
 
@@ -274,9 +254,9 @@ def test_sigterm_waits_for_an_infer_in_flight(tmp_path):
             sock.sendall(infer_request("slow", [1.5, 2.0]) + infer_request("slow", [0.0]))
             time.sleep(0.5)  # the model is sleeping on the first
             os.kill(server.proc.pid, signal.SIGTERM)
-            status, _, body = read_response(stream)
+            status, _, body = answer(stream)
             assert status == 200 and outputs(body) == [1.5, 2.0]
-            status, _, body = read_response(stream)
+            status, _, body = answer(stream)
             assert status == 503 and "shutting down" in json.loads(body)["error"]
             assert stream.read() == b""
         assert server.proc.wait(timeout=60) == 0
