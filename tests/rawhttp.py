@@ -141,6 +141,18 @@ def read_response(sock: socket.socket, timeout: float = 30.0) -> RawResponse:
     return parse_response(data)
 
 
+def read_next_response(stream) -> RawResponse:
+    """The next of several responses on one connection, from its buffered socket file
+    (``sock.makefile("rb")``): reads exactly one response's bytes, so pipelined ones stay."""
+    status_line = stream.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return RawResponse(int(status_line.split()[1]), headers, stream.read(int(headers.get("content-length", 0))))
+
+
 def request_head(port: int, path: str, headers: dict[str, str], method: str = "POST") -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

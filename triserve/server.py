@@ -56,10 +56,12 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
-def _uvicorn(app, options: ServerOptions, port: int, access_log: bool) -> _EmbeddedUvicorn:
+def _uvicorn(app, options: ServerOptions, port: int) -> _EmbeddedUvicorn:
     tls = options.tls
     return _EmbeddedUvicorn(uvicorn.Config(
-        app, host=options.host, port=port, log_config=None, access_log=access_log,
+        # access lines at --log-verbose 1, for both servers: uvicorn has one "uvicorn.access"
+        # logger, which a Config with access_log=False silences for every server in the process
+        app, host=options.host, port=port, log_config=None, access_log=options.log_verbose > 0,
         lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         # per-request work nobody here needs: no reverse proxy headers, no Server/Date headers
         proxy_headers=False, server_header=False, date_header=False,
@@ -121,12 +123,11 @@ class Frontends:
                  metrics_registry: Callable[[], Any] | None = None):
         self.options = options
         self.grpc_address = f"{options.host}:{options.grpc_port}"
-        self._http = _uvicorn(create_app(core, options), options, options.http_port,
-                              options.log_verbose > 0)
+        self._http = _uvicorn(create_app(core, options), options, options.http_port)
         metrics_app = create_metrics_app(*([metrics_registry] if metrics_registry else []))
         # the middleware passes everything when no key is set
         self._metrics = _uvicorn(AuthMiddleware(metrics_app, Gate(options.access)), options,
-                                 options.metrics_port, False)
+                                 options.metrics_port)
         # Bound up front, so a taken port is one clear error before any model loads.
         self._http_listener = _listen(options.host, options.http_port, "HTTP")
         self._metrics_listener = _listen(options.host, options.metrics_port, "metrics")

@@ -12,6 +12,9 @@ KServe inference, the one hot path, skips Starlette: :class:`TriserveApp` matche
 ``POST /v2/models/{model}[/versions/{version}]/infer`` on the raw ASGI scope and
 answers it with :func:`kserve.infer` directly, without Request/Response objects,
 routing or the exception middleware, which cost more CPU than the inference itself.
+Its plain form does not even reach the app as ASGI: triserve's httptools protocol
+(:mod:`.protocol`) calls :meth:`TriserveApp.answer_infer` from its own request cycle and
+writes the answer to the socket. Both paths answer through that one method.
 """
 
 from __future__ import annotations
@@ -72,15 +75,35 @@ class TriserveApp(Starlette):
 
     async def _infer(self, scope: Scope, receive: Receive, send: Send,
                      model: str, version: str) -> None:
+        answer = await self.answer_infer(scope, receive, send, model, version)
+        if answer is not None:
+            status, headers, body = answer
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+    async def answer_infer(self, scope: Scope, receive: Receive, send: Send,
+                           model: str, version: str) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """``POST /v2/models/{model}[/versions/{version}]/infer``, whole: the API key, the body
+        within the limits, decode -> core -> encode, and errors in Triton's JSON shape.
+
+        Returns the answer's status, headers (names lower-case, no ``content-length``) and body,
+        for the caller to send: the ASGI path above through ``send``, triserve's HTTP protocol
+        (:class:`.protocol.FastInferCycle`) straight to the transport. A refusal (API key, body
+        limits) is sent here through ``send``, closing the connection, and None returned; None
+        too when the client went away (the inference, if it had started, is then cancelled).
+        ``scope`` needs ``method``, ``path`` and ``headers``; its ``triserve.on_disconnect``
+        extension, when present, is how a lost connection is noticed.
+        """
         # the two middlewares' checks, called directly: same rules, no wrapping per request
         if self._auth is not None:
             denied = self._auth.denied(scope)
             if denied is not None:
                 await self._auth.refuse(scope, send, denied)
-                return
+                return None
         body = await self._body_limits.read_body(scope, receive, send)
         if body is None:
-            return  # refused (answered), or the client went away: there is no one to answer
+            return None  # refused (answered), or the client went away: there is no one to answer
         header_length = None
         for name, value in scope["headers"]:
             if name == _HEADER_LENGTH:
@@ -90,23 +113,13 @@ class TriserveApp(Starlette):
             payload, headers = await until_disconnected(receive, kserve.infer(
                 self._core, model, version, body, header_length, self._limits.max_tensor_elements), scope)
         except ClientDisconnect:
-            return  # the inference was cancelled: there is no one to answer
+            return None  # the inference was cancelled: there is no one to answer
         except InferError as exc:
-            await _send(send, exc.code.http_status, jsonio.dumps(error_body(exc.message)),
-                        [_JSON_CONTENT_TYPE])
-            return
+            return exc.code.http_status, [_JSON_CONTENT_TYPE], jsonio.dumps(error_body(exc.message))
         except Exception as exc:  # a bug: answered like Starlette's handler, the server keeps serving
-            document = unexpected_error_body("POST", scope["path"], exc)
-            await _send(send, 500, jsonio.dumps(document), [_JSON_CONTENT_TYPE])
-            return
-        await _send(send, 200, payload, [(name.lower().encode("latin-1"), value.encode("latin-1"))
-                                         for name, value in headers.items()])
-
-
-async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    headers.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+            return 500, [_JSON_CONTENT_TYPE], jsonio.dumps(unexpected_error_body("POST", scope["path"], exc))
+        return 200, [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                     for name, value in headers.items()], payload
 
 
 def create_app(core: Core, options: HttpOptions) -> Starlette:
