@@ -63,7 +63,7 @@ def test_int4_keeps_a_quarter_of_the_bytes_and_no_float_copy():
 def test_int4_head_ranks_in_int4_and_gives_its_candidates_the_exact_logits():
     torch.manual_seed(0)
     exact = Int8Linear(Int8Weight.quantize(torch.randn(512, 64) * 0.05), None, torch.float32)
-    head = RescoredHead(exact, torch.float32, candidates=16)
+    head = RescoredHead(exact, torch.float32, ranking="int4", candidates=16)
     x = torch.randn(3, 64)
     got, want = head(x), exact(x)
     top = got.topk(16).indices
@@ -72,6 +72,25 @@ def test_int4_head_ranks_in_int4_and_gives_its_candidates_the_exact_logits():
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert (got - want).abs().max() > bound  # the tail keeps the int4 pass's values
     assert head.fast.nbytes < 0.7 * exact.nbytes
+    assert head.extra_nbytes == head.fast.nbytes
+
+
+def test_int8_ranked_head_reads_the_int8_table_itself_and_gives_its_candidates_the_exact_logits():
+    torch.manual_seed(0)
+    exact = Int8Linear(Int8Weight.quantize(torch.randn(512, 64) * 0.05), None, torch.float32)
+    head = RescoredHead(exact, torch.float32, candidates=16)  # ranking int8
+    assert head.extra_nbytes == 0 and head.fast is None and head.table is exact.weight  # no copy
+    x = torch.randn(3, 64)
+    got, want = head(x), exact(x)
+    top = got.topk(16).indices
+    bound = 0.02 * want.abs().max()
+    assert (got.gather(-1, top) - want.gather(-1, top)).abs().max() <= bound
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    # the tail: int8 rows times the int8 table, much closer to the exact head than int4's
+    int4_tail = (RescoredHead(exact, torch.float32, ranking="int4", candidates=16)(x) - want).abs().mean()
+    assert (got - want).abs().mean() < int4_tail / 2
+    with pytest.raises(ValueError, match="unknown head ranking 'int2'"):
+        RescoredHead(exact, torch.float32, ranking="int2")
 
 
 def dequantized_reference(model: torch.nn.Module, weights: dict) -> torch.nn.Module:
