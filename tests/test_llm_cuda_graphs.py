@@ -9,6 +9,8 @@ run where torch sees one.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -71,6 +73,24 @@ def test_padded_step_equals_the_eager_decode_and_padding_writes_only_the_scratch
     assert padded_cache.keys[0][padded_cache.scratch_slot, :, 0].any()  # the padding rows wrote here
 
 
+def test_padded_step_of_one_sequence_at_the_last_position_equals_the_eager_step(model):
+    """A sequence alone (the eager step: its slot's views, no mask) at the context's very last
+    position, padded to two rows, in slot 1 of 2."""
+    source = ModelSource.from_hf_model(model)
+    with torch.inference_mode():
+        runner = ModelRunner(source.config, source.weights, max_model_len=32)
+        caches = [runner.new_kv_cache(2, spare_slots=1) for _ in range(2)]
+        prompt = [(5 * i) % 256 for i in range(31)]
+        for cache in caches:
+            runner.prefill(cache, [PrefillChunk(1, prompt, 0)])
+        eager = runner.decode(caches[0], [17], [31], [1], compiled=False)
+        token_ids, positions, rows = padded_inputs([17], [31], [1], 2, caches[1].scratch_slot)
+        padded = runner.decode_padded(caches[1].keys, caches[1].values, token_ids, positions, rows)
+    torch.testing.assert_close(padded[:1], eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].keys[1][1], caches[0].keys[1][1], rtol=1e-5, atol=1e-5)
+    assert not caches[1].keys[0][0].any()  # slot 0 held nothing and still holds nothing
+
+
 def test_the_scratch_slot_comes_out_of_the_kv_budget():
     """With CUDA graphs on a GPU one slot of kv_cache_bytes is the padding rows' scratch slot; the
     budget's error says so. On the CPU no slot is spared."""
@@ -127,6 +147,41 @@ def test_cuda_graphs_false_decodes_eagerly_on_a_gpu(model, make_engine):
     assert collector.final.finish_reason == "length"
     assert collector.tokens == hf_greedy(model, PROMPTS[3], 12)
     assert engine.stats()["decode_graph_steps_total"] == 0
+
+
+@needs_gpu
+def test_a_capture_that_fails_on_a_gpu_is_logged_and_the_engine_decodes_eagerly(model, make_engine, monkeypatch,
+                                                                                caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("capture refused by the test")
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)  # torch's capture, not ours
+    with caplog.at_level("WARNING", logger="triserve.llm.engine"):
+        engine = make_engine(device="cuda:0", max_num_seqs=4)
+    assert "capturing the decode step as CUDA graphs failed (RuntimeError: capture refused by the test)" in caplog.text
+    assert engine.runner.graphs is None
+    collectors = [submit(engine, f"e{i}", prompt) for i, prompt in enumerate(PROMPTS[:3])]
+    for prompt, collector in zip(PROMPTS, collectors):
+        assert collector.final.finish_reason == "length"
+        assert collector.tokens == hf_greedy(model, prompt, 12)
+    assert engine.stats()["decode_graph_steps_total"] == 0
+
+
+@needs_gpu
+def test_after_an_engine_restart_the_graphs_are_captured_again_over_the_new_cache(model, make_engine):
+    engine = make_engine(device="cuda:0", max_num_seqs=4, fault_crash_seed=99)
+    first_cache = engine.kv_cache
+    crash = submit(engine, "crash", PROMPTS[0], seed=99)
+    assert crash.final.finish_reason == "abort" and crash.final.engine_fault
+    deadline = time.monotonic() + 30
+    while not engine.healthy and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.healthy and engine.kv_cache is not first_cache
+    assert engine.runner.graphs is not None and engine.runner.graphs.cache is engine.kv_cache
+    steps = engine.stats()["decode_graph_steps_total"]
+    after = submit(engine, "after", PROMPTS[1])
+    assert after.final.finish_reason == "length" and after.tokens == hf_greedy(model, PROMPTS[1], 12)
+    assert engine.stats()["decode_graph_steps_total"] == steps + 11
 
 
 def test_engine_on_the_cpu_captures_nothing(make_engine):
