@@ -121,7 +121,8 @@ def test_engine_on_a_gpu_replays_graphs_and_equals_hf_generate(model, make_engin
     alone = submit(engine, "alone", PROMPTS[1], max_new_tokens=16)
     assert alone.final.finish_reason == "length"
     assert alone.tokens == hf_greedy(model, PROMPTS[1], 16)
-    assert engine.stats()["decode_graph_steps_total"] == replays + 15  # the first token comes from the prefill, the other 15 are replays
+    # the first token comes from the prefill, the other 15 are replays
+    assert engine.stats()["decode_graph_steps_total"] == replays + 15
 
 
 @needs_gpu
