@@ -73,6 +73,24 @@ def test_padded_step_equals_the_eager_decode_and_padding_writes_only_the_scratch
     assert padded_cache.keys[0][padded_cache.scratch_slot, :, 0].any()  # the padding rows wrote here
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_padded_step_is_one_graph_of_tensor_operations(model, name):
+    """What capture needs, checked on the CPU: torch.compile traces the padded step whole
+    (fullgraph: no break for a host read such as ``.item()``, no data-dependent shape such as a
+    boolean-mask index) with every shape static, and the traced step computes the same logits."""
+    source = ModelSource.from_hf_model(model if name == "llama" else random_model(name))
+    with torch.inference_mode():
+        runner = ModelRunner(source.config, source.weights, max_model_len=32)
+        caches = [runner.new_kv_cache(2, spare_slots=1) for _ in range(2)]
+        for cache in caches:
+            runner.prefill(cache, [PrefillChunk(1, list(range(1, 14)), 0)])
+        token_ids, positions, rows = padded_inputs([5], [13], [1], 2, caches[0].scratch_slot)
+        traced = torch.compile(runner.decode_padded, backend="eager", fullgraph=True, dynamic=False)
+        logits = traced(caches[0].keys, caches[0].values, token_ids, positions, rows)
+        eager = runner.decode_padded(caches[1].keys, caches[1].values, token_ids, positions, rows)
+    torch.testing.assert_close(logits, eager)
+
+
 def test_padded_step_of_one_sequence_at_the_last_position_equals_the_eager_step(model):
     """A sequence alone (the eager step: its slot's views, no mask) at the context's very last
     position, padded to two rows, in slot 1 of 2."""
