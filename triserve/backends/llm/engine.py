@@ -75,6 +75,10 @@ class EngineConfig:
     # code is cached on disk, so later loads take seconds); a compilation that fails is logged
     # and the eager step serves
     compile: bool = False
+    # on a CUDA device: capture the decode step as CUDA graphs at load (one per padded batch size)
+    # and replay them; takes one more KV slot from kv_cache_bytes (the padding rows' scratch
+    # slot). A capture that fails is logged and the eager step serves. Ignored on the CPU
+    cuda_graphs: bool = True
     # test-only fault injection (faults.py); None: off
     fault_nan_seed: int | None = None
     fault_crash_seed: int | None = None
@@ -113,6 +117,10 @@ class EngineConfig:
     def threads(self) -> int:
         """Leave one core to the server's event loop (a 2-core machine must stay responsive)."""
         return self.num_threads or max(1, (os.cpu_count() or 1) - 1)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.cuda_graphs and self.device.startswith("cuda")
 
 
 class EngineUnavailable(RuntimeError):
@@ -176,10 +184,16 @@ class LLMEngine:
         with torch.inference_mode():
             self.runner = ModelRunner(source.config, source.weights, config.max_model_len, config.dtype,
                                       config.quantization, config.device, config.head_quantization)
-        self.max_slots = _kv_slots(config, self.runner.kv_bytes_per_token)
-        self.kv_cache = self.runner.new_kv_cache(self.max_slots)
+        self._spare_slots = 1 if config.uses_cuda_graphs else 0  # the CUDA graphs' padding rows write there
+        self.max_slots = _kv_slots(config, self.runner.kv_bytes_per_token, self._spare_slots)
+        self.kv_cache = self.runner.new_kv_cache(self.max_slots, self._spare_slots)
+        if config.uses_cuda_graphs:
+            self._capture_graphs()
         if config.compile:
-            self._compile()
+            if self.runner.graphs is None:
+                self._compile()
+            else:  # every step torch.compile's graphs would serve replays a CUDA graph
+                logger.info("compile: the decode step runs as CUDA graphs, torch.compile is skipped")
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         self._lock = threading.Condition()
         self._inbox = _Inbox()
@@ -218,6 +232,21 @@ class LLMEngine:
                            type(failure[0]).__name__, str(failure[0]).splitlines()[0] if str(failure[0]) else "")
         else:
             logger.info("decode step compiled in %.1f s", time.monotonic() - started)
+
+    def _capture_graphs(self) -> None:
+        """Capture the decode step as CUDA graphs over the current KV cache; on failure the
+        eager step serves."""
+        started = time.monotonic()
+        try:
+            with torch.inference_mode():
+                self.runner.capture_decode_graphs(self.kv_cache)
+        except Exception as exc:  # noqa: BLE001 - reported, the eager step serves
+            logger.warning("capturing the decode step as CUDA graphs failed (%s: %s); decoding runs without "
+                           "graphs (cuda_graphs: false silences this)", type(exc).__name__,
+                           str(exc).splitlines()[0] if str(exc) else "")
+            return
+        logger.info("decode step captured as CUDA graphs for batches of %s in %.1f s",
+                    ", ".join(map(str, self.runner.graphs.sizes)), time.monotonic() - started)
 
     # --- called from any thread -------------------------------------------------------------
 
@@ -291,6 +320,7 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "refused_total": self.refused_total,
             "engine_restarts_total": self._restart_policy.restarts,
+            "decode_graph_steps_total": self.runner.graph_steps,
         }
 
     def _check_prompt(self, prompt: list[int]) -> None:
@@ -374,8 +404,10 @@ class LLMEngine:
             self._deliver(sequence, StepOutput([], True, "abort", sequence.prompt_tokens,
                                                sequence.cached_tokens, error, engine_fault=True))
         # the slots' state is unknown after a fault: start over from empty caches
-        self.kv_cache = self.runner.new_kv_cache(self.max_slots)
+        self.kv_cache = self.runner.new_kv_cache(self.max_slots, self._spare_slots)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
+        if self.runner.graphs is not None:  # they were bound to the old cache
+            self._capture_graphs()
         if backoff is None:
             return False
         time.sleep(backoff)
@@ -553,15 +585,16 @@ class LLMEngine:
             self._finish(sequence, "abort", [], keep_kv=False)
 
 
-def _kv_slots(config: EngineConfig, bytes_per_token: int) -> int:
-    """Sequences of ``max_model_len`` tokens whose KV fits ``kv_cache_bytes`` (at most
-    ``max_num_seqs``); refuses a budget too small for even one."""
+def _kv_slots(config: EngineConfig, bytes_per_token: int, spare_slots: int = 0) -> int:
+    """Sequences of ``max_model_len`` tokens whose KV fits ``kv_cache_bytes`` beside
+    ``spare_slots`` more (at most ``max_num_seqs``); refuses a budget too small for even one."""
     per_sequence = config.max_model_len * bytes_per_token
-    slots = min(config.max_num_seqs, config.kv_cache_bytes // per_sequence)
+    slots = min(config.max_num_seqs, config.kv_cache_bytes // per_sequence - spare_slots)
     if slots < 1:
+        spare = (f" beside the CUDA graphs' scratch slot (cuda_graphs: false frees it)" if spare_slots else "")
         raise ValueError(f"the KV cache budget ({config.kv_cache_bytes >> 20} MB) does not hold one sequence of "
-                         f"max_model_len {config.max_model_len} tokens ({-(-per_sequence >> 20)} MB); raise "
-                         f"kv_cache_mb or lower max_model_len")
+                         f"max_model_len {config.max_model_len} tokens ({-(-per_sequence >> 20)} MB){spare}; "
+                         f"raise kv_cache_mb or lower max_model_len")
     if slots < config.max_num_seqs:
         logger.warning("the KV cache budget (%d MB) holds %d sequences of %d tokens: %d run at once, not "
                        "max_num_seqs %d (raise kv_cache_mb for more)", config.kv_cache_bytes >> 20, slots,

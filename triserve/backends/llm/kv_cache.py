@@ -12,6 +12,10 @@ server that only ever sees short chats holds (resident) only the KV of the
 positions it used, not ``slots x capacity`` (on a GPU the buffer is allocated
 whole, as every GPU server does). Its size — what is *reserved* — is
 fixed by the engine from a byte budget (``kv_cache_mb``).
+
+``spare_slots`` adds slots beyond ``slots`` that no sequence ever holds: a CUDA graph's
+padding rows (a batch padded up to the captured size) write their K/V there (``scratch_slot``),
+never into a running sequence's slot.
 """
 
 from __future__ import annotations
@@ -23,15 +27,18 @@ import torch
 
 class KVCache:
     def __init__(self, num_layers: int, max_slots: int, kv_heads: int, head_dim: int,
-                 max_len: int, dtype: torch.dtype, device: torch.device = torch.device("cpu")):
+                 max_len: int, dtype: torch.dtype, device: torch.device = torch.device("cpu"),
+                 spare_slots: int = 0):
         self.num_layers = num_layers
         self.max_slots = max_slots
+        self.spare_slots = spare_slots
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.max_len = max_len
         self.dtype = dtype
-        shape = (max_slots, kv_heads, max_len, head_dim)
-        count = max_slots * kv_heads * max_len * head_dim
+        allocated = max_slots + spare_slots
+        shape = (allocated, kv_heads, max_len, head_dim)
+        count = allocated * kv_heads * max_len * head_dim
         if device.type == "cpu":
             self._map = mmap.mmap(-1, max(1, 2 * num_layers * count * _element_size(dtype)))
             # one tensor (one storage) per layer's K and per layer's V over the one map: nothing
@@ -62,6 +69,11 @@ class KVCache:
         return self.max_slots
 
     @property
+    def scratch_slot(self) -> int | None:
+        """The first spare slot (never a sequence's), or None without one."""
+        return self.max_slots if self.spare_slots else None
+
+    @property
     def capacity(self) -> int:
         return self.max_len
 
@@ -71,7 +83,7 @@ class KVCache:
 
     @property
     def bytes_reserved(self) -> int:
-        return self.max_slots * self.max_len * self.bytes_per_token
+        return (self.max_slots + self.spare_slots) * self.max_len * self.bytes_per_token
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``source`` into slot ``target``."""

@@ -32,7 +32,7 @@ from triserve.cache import cache_dir, file_sha256
 _PACKAGE_PREFIX = "package:"
 _PARAMETERS = ("model", "dtype", "quantization", "max_num_seqs", "max_model_len",
                "max_prefill_tokens", "max_queue_size", "prefix_cache_mb", "kv_cache_mb", "device",
-               "num_threads", "compile", "head_quantization", "trust_remote_code", "fault_nan_seed", "fault_prefill_seed", "fault_crash_seed")
+               "num_threads", "compile", "cuda_graphs", "head_quantization", "trust_remote_code", "fault_nan_seed", "fault_prefill_seed", "fault_crash_seed")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,9 @@ class LLMSettings:
         compile_ = values.get("compile", "").lower() or ("true" if defaults.compile else "false")
         if compile_ not in ("true", "false"):
             raise ValueError(f"parameter 'compile': '{compile_}' is not true or false")
+        cuda_graphs = values.get("cuda_graphs", "").lower() or ("true" if defaults.cuda_graphs else "false")
+        if cuda_graphs not in ("true", "false"):
+            raise ValueError(f"parameter 'cuda_graphs': '{cuda_graphs}' is not true or false")
         engine = EngineConfig(
             max_num_seqs=integer("max_num_seqs", defaults.max_num_seqs),
             max_model_len=integer("max_model_len", defaults.max_model_len),
@@ -83,6 +86,7 @@ class LLMSettings:
             kv_cache_bytes=kv_cache_mb << 20,
             num_threads=integer("num_threads", defaults.num_threads),
             compile=compile_ == "true",
+            cuda_graphs=cuda_graphs == "true",
             dtype=resolve_dtype(values.get("dtype") or defaults.dtype, device),
             device=device,
             quantization=values.get("quantization") or defaults.quantization,

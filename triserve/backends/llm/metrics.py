@@ -35,6 +35,8 @@ _COUNTERS = (
     ("triserve_llm_prefix_cache_hits", "prefix_cache_hits", "Prompts that reused a cached prefix"),
     ("triserve_llm_engine_restarts", "engine_restarts_total",
      "Restarts of the engine thread after a fault escaped its step loop"),
+    ("triserve_llm_decode_graph_steps", "decode_graph_steps_total",
+     "Decode steps replayed as CUDA graphs (on a GPU with cuda_graphs)"),
 )
 
 _TIME_TO_FIRST_TOKEN = Histogram(

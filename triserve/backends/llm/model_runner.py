@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from triserve.backends.llm.architectures import (ACTIVATIONS, SUPPORTED_ARCHITECTURES, activation_name,
                                                  apply_rope, architecture_of, check_supported, family_of,
                                                  language_model, layer_windows, qk_row_order, rope_tables)
+from triserve.backends.llm.cuda_graphs import DecodeGraphs
 from triserve.backends.llm.kv_cache import KVCache
 from triserve.backends.llm.quantization import (DenseWeight, Embedding, Linear, RescoredHead, Weight,
                                                 concatenate, embedding_weight, make_linear, quantize, take_rows)
@@ -220,6 +221,8 @@ class ModelRunner:
         self.compiled_batch_steps = 0  # steps of several sequences that ran compiled
         self._batch_ranges: list[tuple[int, int]] = []  # (smallest, largest) batch of each batch graph
         self._stance = "eager_on_recompile"  # once compiled: never compile again while serving
+        self.graphs: DecodeGraphs | None = None  # on a GPU: the padded step as CUDA graphs (capture_decode_graphs)
+        self.graph_steps = 0  # decode steps that replayed a CUDA graph
         self.weight_bytes = self._count_bytes(tied)
 
     @property
@@ -230,9 +233,9 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         return KVCache.bytes_per_token_of(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
-    def new_kv_cache(self, max_slots: int) -> KVCache:
+    def new_kv_cache(self, max_slots: int, spare_slots: int = 0) -> KVCache:
         return KVCache(self.num_layers, max_slots, self.num_kv_heads, self.head_dim,
-                       self.max_model_len, self.dtype, self.device)
+                       self.max_model_len, self.dtype, self.device, spare_slots)
 
     def _count_bytes(self, tied: bool) -> int:
         """Bytes of every weight the runner holds (what a decode step reads, plus the embedding)."""
@@ -300,6 +303,10 @@ class ModelRunner:
         The usual batch is every running sequence, slots ``0..n-1``: attention reads a view of
         the cache. While a long prompt is prefilled in chunks its slot sits out, and the others'
         K/V are gathered (a copy) for that step."""
+        graphs = self.graphs
+        if compiled and graphs is not None and graphs.serves(cache, len(token_ids)):
+            self.graph_steps += 1
+            return graphs.replay(token_ids, positions, list(range(len(token_ids))) if slots is None else slots)
         with self._on_device:  # the index tensors made below live where the model does
             return self._decode(cache, token_ids, positions, slots, compiled)
 
@@ -394,6 +401,40 @@ class ModelRunner:
             raise
         finally:
             self._stance, self.compiled_steps, self.compiled_batch_steps = "eager_on_recompile", 0, 0
+
+    def capture_decode_graphs(self, cache: KVCache) -> None:
+        """On a GPU: capture the padded decode step (:meth:`decode_padded`) over ``cache`` as CUDA
+        graphs, one per padded batch size up to the cache's slots (see :mod:`.cuda_graphs`); the
+        steps :meth:`decode` may run on graphs replay them from then on. ``cache`` needs a scratch
+        slot (``spare_slots=1``). On failure the eager step stays and the exception propagates."""
+        self.graphs = None
+        with self._on_device:
+            self.graphs = DecodeGraphs(self.decode_padded, cache, cache.slots, self.device)
+
+    def decode_padded(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_ids: torch.Tensor,
+                      positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The decode step with static shapes, a pure function of tensors (what a CUDA graph
+        records; it runs on any device): one token for each row, ``token_ids[i]`` at
+        ``positions[i]`` of cache slot ``rows[i]`` of every layer's ``keys``/``values`` ([slots,
+        kv_heads, capacity, head_dim] each). Every row attends the whole capacity under a mask
+        from its position (and its layer's window), so no shape depends on the lengths. A
+        padding row (token 0, position 0, the cache's scratch slot) writes only that slot.
+        Returns float32 logits [rows, vocab] on the model's device."""
+        batch = token_ids.shape[0]
+        key_positions = self._key_positions[None, :]
+        causal = key_positions <= positions[:, None]  # [batch, capacity]
+        masks = {window: (causal if window is None else causal & (key_positions > positions[:, None] - window))
+                 [:, None, None, :] for window in self.windows}
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            layer_keys, layer_values = keys[index], values[index]
+            layer_keys[rows, :, positions] = k
+            layer_values[rows, :, positions] = v
+            grouped = q.reshape(batch, self.num_kv_heads, self.group, self.head_dim)
+            out = self._attention(grouped, layer_keys[rows], layer_values[rows], masks[self.layers[index].window])
+            return out.reshape(batch, -1)
+
+        return self._device_logits(self._forward(token_ids, positions, attend))
 
     def _decode_single(self, keys: list[torch.Tensor], values: list[torch.Tensor], token_ids: torch.Tensor,
                        position: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
@@ -503,6 +544,10 @@ class ModelRunner:
     def _logits(self, hidden: torch.Tensor, rank_int8: bool = False) -> torch.Tensor:
         """float32 logits on the CPU, where sampling runs (its generators are CPU ones).
         ``rank_int8``: a :class:`RescoredHead` may rank several rows in int8 (see there)."""
+        return self._device_logits(hidden, rank_int8).cpu()
+
+    def _device_logits(self, hidden: torch.Tensor, rank_int8: bool = False) -> torch.Tensor:
+        """float32 logits where the model is."""
         hidden = F.rms_norm(hidden, hidden.shape[-1:], self.final_norm, self.eps)
         if isinstance(self.lm_head, RescoredHead):
             logits = self.lm_head(hidden, rank_int8).float()
@@ -510,4 +555,4 @@ class ModelRunner:
             logits = self.lm_head(hidden).float()
         if self.final_softcap is not None:  # Gemma 2
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits.cpu()
+        return logits
