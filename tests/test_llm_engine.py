@@ -190,7 +190,7 @@ def test_int8_ranked_head_keeps_the_greedy_tokens_without_a_copy(make_engine):
     expected = [submit(plain, f"p{i}", prompt, max_new_tokens=16) for i, prompt in enumerate(PROMPTS)]
     got = [submit(engine, f"q{i}", prompt, max_new_tokens=16) for i, prompt in enumerate(PROMPTS)]
     for want, have in zip(expected, got):
-        assert have.final and have.tokens == want.tokens
+        assert want.final and have.final and have.tokens == want.tokens
     head = engine.runner.lm_head
     hidden = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
     exact, ranked = head.exact(hidden).float(), head(hidden[:1])
@@ -209,7 +209,7 @@ def test_int4_head_ranks_a_batch_in_int8_and_keeps_the_greedy_tokens(make_engine
     expected = [submit(plain, f"p{i}", prompt, max_new_tokens=16) for i, prompt in enumerate(PROMPTS)]
     got = [submit(engine, f"q{i}", prompt, max_new_tokens=16) for i, prompt in enumerate(PROMPTS)]
     for want, have in zip(expected, got):
-        assert have.final and have.tokens == want.tokens
+        assert want.final and have.final and have.tokens == want.tokens
     head = engine.runner.lm_head
     hidden = torch.randn(len(PROMPTS), 64, generator=torch.Generator().manual_seed(0))
     exact = head.exact(hidden).float()
