@@ -156,11 +156,17 @@ def _typed_contents(tensor: service_pb2.ModelInferRequest.InferInputTensor,
     return list(values)
 
 
-def response_to_proto(response: InferResponse) -> service_pb2.ModelInferResponse:
-    """Encode a response; tensor data goes in ``raw_output_contents`` as Triton sends it."""
-    message = service_pb2.ModelInferResponse(
-        model_name=response.model_name, model_version=response.model_version, id=response.id
-    )
+def response_to_proto(response: InferResponse,
+                      message: service_pb2.ModelInferResponse | None = None) -> service_pb2.ModelInferResponse:
+    """Encode a response; tensor data goes in ``raw_output_contents`` as Triton sends it.
+
+    ``message``: an empty ``ModelInferResponse`` to fill in place (a stream reply's
+    ``infer_response``: building it apart would copy it into the reply)."""
+    if message is None:
+        message = service_pb2.ModelInferResponse()
+    message.model_name = response.model_name
+    message.model_version = response.model_version
+    message.id = response.id
     add = message.outputs.add
     for tensor in response.outputs:
         output = add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
