@@ -24,23 +24,21 @@ from typing import Any, AsyncIterator
 import uvloop
 from tritonclient.grpc import InferInput, service_pb2
 
+from bench import http_front_cpu
 from bench.core_vs_triton import ANCHORS
 from bench.request_cpu import bench_inputs
 from triserve.core.types import InferRequest, InferResponse
 from triserve.frontends.grpc.service import InferenceServicer
 
 
-class EchoCore:
-    """The part of the core the infer RPCs use: answers each request with its inputs."""
+class EchoCore(http_front_cpu.EchoCore):
+    """The HTTP bench's echo core, with what the streaming RPC also uses."""
 
     class _Model:
         decoupled = False
 
     def get_model(self, name: str, version: str = "") -> Any:
         return self._Model()
-
-    async def infer(self, request: InferRequest) -> InferResponse:
-        return InferResponse(request.model_name, request.model_version or "1", request.id, list(request.inputs))
 
     async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         yield await self.infer(request)
