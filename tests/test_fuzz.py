@@ -175,6 +175,9 @@ def test_bytes_codec_round_trips(items):
     expected = [item if isinstance(item, bytes) else item.encode("utf-8") for item in items]
     assert datatypes.unpack_bytes(packed).tolist() == expected
     assert datatypes.from_raw(packed, "BYTES").tolist() == expected
+    for view in (memoryview(packed), bytearray(packed)):  # the HTTP body's slices, any buffer
+        decoded = datatypes.unpack_bytes(view).tolist()
+        assert decoded == expected and all(type(item) is bytes for item in decoded)
 
 
 @settings(max_examples=500, deadline=None, derandomize=True, database=None)

@@ -9,6 +9,7 @@ Python-backend stub loads it by file path inside a model's own environment, so
 from __future__ import annotations
 
 import struct
+from itertools import repeat
 from typing import Iterable
 
 import numpy as np
@@ -81,6 +82,13 @@ def element_count(shape: Iterable[int]) -> int:
     return n
 
 
+_U32 = struct.Struct("<I")  # a BYTES element's length prefix
+
+
+def _all_bytes(items: Iterable[object]) -> bool:
+    return all(map(isinstance, items, repeat(bytes)))  # C-level: this runs for every BYTES tensor
+
+
 def as_bytes_array(array: np.ndarray) -> np.ndarray:
     """A BYTES tensor as an object array of ``bytes``; ``str`` elements are UTF-8 encoded.
 
@@ -88,7 +96,7 @@ def as_bytes_array(array: np.ndarray) -> np.ndarray:
     they go on the wire as UTF-8.
     """
     array = np.asarray(array)
-    if array.dtype == np.object_ and all(isinstance(x, bytes) for x in array.flat):
+    if array.dtype == np.object_ and _all_bytes(array.flat):
         return array
     out = np.empty(array.size, dtype=np.object_)
     out[:] = [bytes(item) if isinstance(item, (bytes, bytearray)) else str(item).encode("utf-8")
@@ -98,9 +106,14 @@ def as_bytes_array(array: np.ndarray) -> np.ndarray:
 
 def pack_bytes(array: np.ndarray) -> bytes:
     """Serialize a BYTES tensor: each element as a 4-byte little-endian length, then its bytes."""
+    items = np.asarray(array).ravel().tolist()
+    if not _all_bytes(items):
+        items = as_bytes_array(array).ravel().tolist()
+    if len(items) == 1:
+        return _U32.pack(len(items[0])) + items[0]
     parts = []
-    for item in as_bytes_array(array).flat:
-        parts.append(struct.pack("<I", len(item)))
+    for item in items:
+        parts.append(_U32.pack(len(item)))
         parts.append(item)
     return b"".join(parts)
 
@@ -115,27 +128,34 @@ def unpack_bytes(buffer: bytes, max_items: int | None = None) -> np.ndarray:
     Raises ``ValueError`` when the buffer is not a sequence of length-prefixed elements,
     and :class:`TooManyElements` as soon as it holds more than ``max_items`` elements.
     """
-    view = memoryview(buffer)
-    items = []
-    offset = 0
-    end = len(view)
+    if type(buffer) is not bytes:
+        buffer = memoryview(buffer)  # slices of it are copied out as bytes below
+    end = len(buffer)
+    if end >= 4 and _U32.unpack_from(buffer)[0] == end - 4 and max_items != 0:  # one element: most prompts
+        out = np.empty(1, dtype=np.object_)
+        out[0] = bytes(buffer[4:])
+        return out
     if max_items is not None and end // 4 <= max_items:
         max_items = None  # every element takes at least its 4-byte prefix: the cap cannot be reached
+    unpack_from = _U32.unpack_from
+    items = []
+    offset = 0
     while offset < end:
         if max_items is not None and len(items) >= max_items:
             raise TooManyElements(f"more than {max_items} elements")
         if offset + 4 > end:
             raise ValueError("BYTES tensor data ends inside a 4-byte length prefix")
-        (length,) = struct.unpack_from("<I", view, offset)
+        (length,) = unpack_from(buffer, offset)
         offset += 4
-        if offset + length > end:
+        stop = offset + length
+        if stop > end:
             raise ValueError(
                 f"BYTES tensor element of length {length} runs past the end of the data"
             )
-        items.append(bytes(view[offset : offset + length]))
-        offset += length
+        items.append(buffer[offset:stop])
+        offset = stop
     out = np.empty(len(items), dtype=np.object_)
-    out[:] = items
+    out[:] = items if type(buffer) is bytes else [bytes(item) for item in items]
     return out
 
 

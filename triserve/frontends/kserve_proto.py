@@ -49,6 +49,8 @@ MessageT = TypeVar("MessageT", bound=Message)
 def parameters_from_proto(parameters: Mapping[str, Any]) -> dict[str, Any]:
     """``map<string, InferParameter>`` (or ``ModelRepositoryParameter``) as Python values."""
     values: dict[str, Any] = {}
+    if not parameters:  # most requests and tensors carry none: skip the Mapping mixin's items()
+        return values
     for key, parameter in parameters.items():
         kind = parameter.WhichOneof("parameter_choice")
         if kind is None:
@@ -113,7 +115,7 @@ def _input_from_proto(
     tensor: service_pb2.ModelInferRequest.InferInputTensor, raw: bytes | None, max_elements: int | None
 ) -> InferTensor:
     if raw is not None:
-        if tensor.contents.ListFields():
+        if tensor.HasField("contents") and tensor.contents.ListFields():
             raise InferError.invalid(
                 f"input '{tensor.name}' has data in both 'contents' and raw_input_contents; send one"
             )
@@ -122,7 +124,8 @@ def _input_from_proto(
         decoded = InferTensor.from_flat(
             tensor.name, tensor.datatype, tensor.shape, _typed_contents(tensor, max_elements), max_elements
         )
-    decoded.parameters = parameters_from_proto(tensor.parameters)
+    if tensor.parameters:
+        decoded.parameters = parameters_from_proto(tensor.parameters)
     return decoded
 
 
@@ -153,16 +156,25 @@ def _typed_contents(tensor: service_pb2.ModelInferRequest.InferInputTensor,
     return list(values)
 
 
-def response_to_proto(response: InferResponse) -> service_pb2.ModelInferResponse:
-    """Encode a response; tensor data goes in ``raw_output_contents`` as Triton sends it."""
-    message = service_pb2.ModelInferResponse(
-        model_name=response.model_name, model_version=response.model_version, id=response.id
-    )
+def response_to_proto(response: InferResponse,
+                      message: service_pb2.ModelInferResponse | None = None) -> service_pb2.ModelInferResponse:
+    """Encode a response; tensor data goes in ``raw_output_contents`` as Triton sends it.
+
+    ``message``: an empty ``ModelInferResponse`` to fill in place (a stream reply's
+    ``infer_response``: building it apart would copy it into the reply)."""
+    if message is None:
+        message = service_pb2.ModelInferResponse()
+    message.model_name = response.model_name
+    message.model_version = response.model_version
+    message.id = response.id
+    add = message.outputs.add
     for tensor in response.outputs:
-        output = message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        set_parameters(output.parameters, tensor.parameters)
-        message.raw_output_contents.append(tensor.raw())
-    set_parameters(message.parameters, response.parameters)
+        output = add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        if tensor.parameters:
+            set_parameters(output.parameters, tensor.parameters)
+    message.raw_output_contents.extend([tensor.raw() for tensor in response.outputs])
+    if response.parameters:
+        set_parameters(message.parameters, response.parameters)
     return message
 
 

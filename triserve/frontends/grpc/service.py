@@ -369,7 +369,8 @@ def _stream_reply(response: InferResponse) -> service_pb2.ModelStreamInferRespon
             ),
         )
     else:
-        reply = service_pb2.ModelStreamInferResponse(infer_response=kserve_proto.response_to_proto(response))
+        reply = service_pb2.ModelStreamInferResponse()
+        kserve_proto.response_to_proto(response, reply.infer_response)
     reply.infer_response.parameters[FINAL_RESPONSE].bool_param = response.final
     return reply
 
