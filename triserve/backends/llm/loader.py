@@ -3,9 +3,10 @@
 ``model`` names a local HF folder (safetensors) or a ``.gguf`` file, or
 ``package:<module>/<file>`` for a file shipped inside an installed Python
 package (found without importing the package, which may pull in heavy
-dependencies). A GGUF file is dequantized by transformers once and saved as a
-safetensors folder in a cache keyed by the file's SHA-256, because converting
-takes many times longer than loading the saved folder.
+dependencies). A GGUF file's weights are read from the file itself, quantized
+blocks kept quantized (:mod:`.gguf_weights`); its config and tokenizer are
+converted by transformers once and saved in a cache keyed by the file's SHA-256
+(:func:`_gguf_metadata`), because converting the tokenizer takes seconds.
 
 Nothing is ever downloaded: the server must start the same way offline.
 """
