@@ -124,8 +124,7 @@ def _input_from_proto(
         decoded = InferTensor.from_flat(
             tensor.name, tensor.datatype, tensor.shape, _typed_contents(tensor, max_elements), max_elements
         )
-    if tensor.parameters:
-        decoded.parameters = parameters_from_proto(tensor.parameters)
+    decoded.parameters = parameters_from_proto(tensor.parameters)
     return decoded
 
 

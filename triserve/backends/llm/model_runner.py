@@ -315,14 +315,16 @@ class ModelRunner:
         batch = len(token_ids)
         length = max(positions) + 1
         slots = list(range(batch)) if slots is None else slots
+        # the compiled steps are traced once with the attended length symbolic (>= 2: a decoded
+        # token always follows at least one prompt token), never per length; the context's very
+        # last position (the whole cache) is a shape of their own, and their kernels are made for
+        # the thread count they were compiled with: otherwise eager
+        run_compiled = compiled and self.compiled and length < self.max_model_len and (
+            torch.get_num_threads() == self._compiled_threads)
         if batch == 1:  # one sequence sees all its keys: its slot's views, no mask
             keys, values = cache.slot_views(slots[0])
             key_positions = self._key_positions[:length]
-            if compiled and self.compiled and length < self.max_model_len and torch.get_num_threads() == self._compiled_threads:
-                # the compiled step is traced once with the attended length symbolic (>= 2: a
-                # decoded token always follows at least one prompt token), never per length; the
-                # context's very last position (the whole cache) is a shape of its own, and its
-                # kernels are made for the thread count it was compiled with: otherwise eager
+            if run_compiled:
                 torch._dynamo.mark_dynamic(key_positions, 0, min=2, max=self.max_model_len - 1)
                 # a recompilation, should anything ever call for one, runs eager instead (never
                 # minutes of compiling in the middle of serving)
@@ -335,7 +337,7 @@ class ModelRunner:
 
         position = torch.tensor(positions)
         rows = torch.tensor(slots)
-        if compiled and self.compiled and length < self.max_model_len and torch.get_num_threads() == self._compiled_threads:
+        if run_compiled:
             # one graph for every batch size and length (both symbolic), any slots
             key_positions = self._key_positions[:length]
             torch._dynamo.mark_dynamic(key_positions, 0, min=2, max=self.max_model_len - 1)
@@ -348,13 +350,10 @@ class ModelRunner:
             with torch.compiler.set_stance(self._stance):
                 return self._decode_many(cache.keys, cache.values, token_tensor, position, rows, key_positions)
         contiguous = slots == list(range(batch))
-        key_positions = torch.arange(length)[None, :]
-        causal = key_positions <= position[:, None]
         # per window: the first key any row sees, and each row's mask over the keys from there
         masks = {}
-        for window in self.windows:
+        for window, visible in self._visible_keys(torch.arange(length), position).items():
             first = 0 if window is None else max(0, min(positions) - window + 1)
-            visible = causal if window is None else causal & (key_positions > position[:, None] - window)
             masks[window] = (first, visible[:, None, None, first:])
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -371,6 +370,13 @@ class ModelRunner:
             return out.reshape(batch, -1)
 
         return self._logits(self._forward(torch.tensor(token_ids), position, attend), rank_int8=compiled)
+
+    def _visible_keys(self, key_positions: torch.Tensor, positions: torch.Tensor) -> dict[int | None, torch.Tensor]:
+        """Per window of the model's layers (None: full attention), which of ``key_positions``
+        each decoded row (at ``positions``) sees: [rows, keys] booleans."""
+        causal = key_positions[None, :] <= positions[:, None]
+        return {window: causal if window is None else causal & (key_positions[None, :] > positions[:, None] - window)
+                for window in self.windows}
 
     def compile_decode(self, cache: KVCache) -> None:
         """Compile the decode step with ``torch.compile`` (inductor: the ~40 small operations
@@ -421,10 +427,8 @@ class ModelRunner:
         padding row (token 0, position 0, the cache's scratch slot) writes only that slot.
         Returns float32 logits [rows, vocab] on the model's device."""
         batch = token_ids.shape[0]
-        key_positions = self._key_positions[None, :]
-        causal = key_positions <= positions[:, None]  # [batch, capacity]
-        masks = {window: (causal if window is None else causal & (key_positions > positions[:, None] - window))
-                 [:, None, None, :] for window in self.windows}
+        masks = {window: visible[:, None, None, :]
+                 for window, visible in self._visible_keys(self._key_positions, positions).items()}
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             layer_keys, layer_values = keys[index], values[index]
