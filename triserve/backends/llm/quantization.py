@@ -9,10 +9,13 @@ multiplied by torch's weight-only kernels, never dequantized to a full-size copy
   on the weight packed by ``_convert_weight_to_int4pack_for_cpu``. GGUF's Q4_0
   (``(q - 8) * d``: zero 0) and Q4_1 (``q * d + m``: zero ``m + 8 d``) blocks are
   exactly this layout, so they are repacked without any rounding;
+  or, where the CPU has AVX-512 VNNI, triserve's own kernel (``int4_kernel``,
+  :mod:`triserve.backends.llm.kernels`): activations quantized to int8 in blocks of
+  32 and multiplied by the nibbles with integer dot products, as llama.cpp does;
 - int8 with one scale per output channel: ``torch._weight_int8pack_mm``.
 
-Both kernels compute in bfloat16 (their CPU kernels are fast only for it), and
-hand back the engine's dtype. Weights are first gathered in an unpacked form
+torch's kernels compute in bfloat16 (their CPU kernels are fast only for it); every
+kernel hands back the engine's dtype. Weights are first gathered in an unpacked form
 (:class:`DenseWeight`, :class:`Int8Weight`, :class:`Int4Weight`) so that q/k/v
 and gate/up can be concatenated into one matrix each before packing.
 """
@@ -25,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 QUANTIZATIONS = ("none", "int8", "int4")
+# what multiplies int4 weights: "vnni" (int8 activations, AVX-512 VNNI) | "torch" (the weight is
+# widened to bfloat16) | "auto" (vnni where it runs, else torch)
+INT4_KERNELS = ("auto", "vnni", "torch")
 GROUP = 32  # int4 group size along the input dimension (GGUF's block size)
 COMPUTE_DTYPE = torch.bfloat16  # what the weight-only kernels compute in
 
@@ -162,20 +168,38 @@ class Int8Linear:
 
 
 class Int4Linear:
-    """Weight-only int4 in groups of 32 inputs (scale and zero per group), computed in bfloat16."""
+    """Int4 in groups of 32 inputs (scale and zero per group). ``kernel`` "torch": weight-only,
+    computed in bfloat16; "vnni" (a resolved :data:`INT4_KERNELS` choice): the activations are
+    quantized to int8 per block of 32 and meet the nibbles in integer dot products (2.5x torch's
+    kernel at one row and one thread, 3-4x at 16 rows and in prefill; bench/llm/NOTES.md)."""
 
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype):
-        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
-        # [in / GROUP, out, 2]: the kernel's scales_and_zeros
-        self.scales_and_zeros = torch.stack((weight.scales.t(), weight.zeros.t()), dim=-1).to(
-            COMPUTE_DTYPE).contiguous()
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str = "torch"):
+        if kernel not in ("vnni", "torch"):
+            raise ValueError(f"unknown int4 kernel '{kernel}'; expected vnni or torch")
+        self.kernel = kernel
+        self.out_features = weight.shape[0]
+        if kernel == "vnni":
+            from triserve.backends.llm import kernels
+
+            # value = q * scale + (zero - 8 scale); one buffer of nibbles, float16 scales and mins
+            self.weight = kernels.pack(weight.q, weight.scales, weight.zeros - 8 * weight.scales)
+            self.scales_and_zeros = None
+        else:
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+            # [in / GROUP, out, 2]: the kernel's scales_and_zeros
+            self.scales_and_zeros = torch.stack((weight.scales.t(), weight.zeros.t()), dim=-1).to(
+                COMPUTE_DTYPE).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.dtype = dtype
         self.nbytes = _nbytes(self.weight, self.scales_and_zeros, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP, self.scales_and_zeros)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.kernel == "vnni":
+            y = torch.ops.triserve.int4_vnni_linear(flat, self.weight, self.out_features)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(COMPUTE_DTYPE), self.weight, GROUP,
+                                                           self.scales_and_zeros)
         y = y.to(self.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -185,13 +209,32 @@ class Int4Linear:
 Linear = DenseLinear | Int8Linear | Int4Linear
 
 
+def resolve_int4_kernel(requested: str) -> str:
+    """An :data:`INT4_KERNELS` choice as the kernel that will run (the VNNI kernel is built on the
+    first call that needs it); ``ValueError`` when "vnni" is asked for and cannot run."""
+    if requested not in INT4_KERNELS:
+        raise ValueError(f"unknown int4_kernel '{requested}'; expected one of {', '.join(INT4_KERNELS)}")
+    if requested == "torch":
+        return "torch"
+    from triserve.backends.llm import kernels
+
+    why = kernels.load()
+    if why is None:
+        return "vnni"
+    if requested == "vnni":
+        raise ValueError(f"int4_kernel vnni cannot run here: {why}; use int4_kernel auto or torch")
+    kernels.log.info("int4 weights use torch's kernel: the VNNI kernel cannot run here (%s)", why)
+    return "torch"
+
+
 def make_linear(weight: Weight, bias: torch.Tensor | None, dtype: torch.dtype,
-                device: torch.device = torch.device("cpu")) -> Linear:
+                device: torch.device = torch.device("cpu"), int4_kernel: str = "torch") -> Linear:
+    """``int4_kernel``: one of :data:`INT4_KERNELS`, for an int4 weight."""
     if device.type != "cpu" and not isinstance(weight, DenseWeight):
         raise ValueError(f"quantized weights run on torch's CPU kernels only, not on device '{device}': "
                          f"on a GPU serve a float checkpoint (safetensors) with quantization none")
     if isinstance(weight, Int4Weight):
-        return Int4Linear(weight, bias, dtype)
+        return Int4Linear(weight, bias, dtype, resolve_int4_kernel(int4_kernel))
     if isinstance(weight, Int8Weight):
         return Int8Linear(weight, bias, dtype)
     return DenseLinear(weight, bias, dtype, device)
@@ -250,7 +293,7 @@ class RescoredHead:
       when the exact head is int8, the rows rank in int8 as above (``rank_int8``)."""
 
     def __init__(self, exact: "DenseLinear | Int8Linear", dtype: torch.dtype, ranking: str = "int8",
-                 candidates: int = 64):
+                 candidates: int = 64, int4_kernel: str = "torch"):
         if ranking not in ("int8", "int4"):
             raise ValueError(f"unknown head ranking '{ranking}'; expected int8 or int4")
         self.exact = exact
@@ -270,7 +313,7 @@ class RescoredHead:
             weight = exact.weight.float()
             if isinstance(exact, Int8Linear):
                 weight = weight * exact.scales.float()[:, None]
-            self.fast = Int4Linear(Int4Weight.quantize(weight), None, dtype)
+            self.fast = Int4Linear(Int4Weight.quantize(weight), None, dtype, resolve_int4_kernel(int4_kernel))
             self.extra_nbytes += self.fast.nbytes
         # rows from which ranking is int8 (None: never); where it changes, a seeded sequence
         # keeps the one-row ranking whatever its batch

@@ -1,0 +1,95 @@
+"""The engine's own CPU kernel: int4 weights times int8 activations on AVX-512 VNNI.
+
+torch ships no int4 CPU kernel that multiplies without first widening every weight
+(``_weight_int4pack_mm_for_cpu`` unpacks each nibble to bfloat16), which at one row and
+one thread, not the memory, sets the decode step's speed. ``int4_vnni.cpp`` does what
+llama.cpp does on x86: activations quantized to int8 in blocks of 32, nibbles multiplied
+by them with VPDPBUSD. It is compiled on first use with torch's C++ extension builder
+(gcc and ninja; seconds, cached in ``TORCH_EXTENSIONS_DIR``) and registered as the
+operator ``torch.ops.triserve.int4_vnni_linear``, which ``torch.compile`` calls like any
+other. :func:`load` says why when it cannot be used (no AVX-512 VNNI, no compiler), and
+the engine then keeps torch's kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("int4_vnni.cpp")
+GROUP = 32  # inputs per group (one scale and one min each)
+TILE = 16  # output rows per tile
+GROUP_BYTES = 256 + 2 * 2 * TILE  # nibbles, float16 scales, float16 mins
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
+
+_lock = threading.Lock()
+_state: dict[str, str | None] = {}  # "error": why the kernel cannot run (None: it runs)
+log = logging.getLogger("triserve.llm.kernels")
+
+
+def _missing_cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return list(_CPU_FLAGS)
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return [flag for flag in _CPU_FLAGS if flag not in present]
+    return list(_CPU_FLAGS)
+
+
+def load() -> str | None:
+    """Build (once per machine) and load the kernel; None when it runs, else why it cannot."""
+    with _lock:
+        if "error" in _state:
+            return _state["error"]
+        _state["error"] = _build()
+        return _state["error"]
+
+
+def _build() -> str | None:
+    missing = _missing_cpu_flags()
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if hasattr(torch.ops.triserve, "int4_vnni_linear"):
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.verify_ninja_availability()
+        log.info("building the int4 x int8 VNNI kernel (once per machine; cached in %s)",
+                 os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension._get_build_directory("", False))
+        cpp_extension.load(name="triserve_int4_vnni", sources=[str(SOURCE)], extra_cflags=_FLAGS,
+                           is_python_module=False, verbose=False)
+        torch.library.register_fake("triserve::int4_vnni_linear", _shape_only)
+    except Exception as error:  # no compiler, no ninja, a failed build: torch's kernel instead
+        log.warning("the int4 x int8 VNNI kernel could not be built: %s", error)
+        return "it could not be built (the server log says why)"
+    return None
+
+
+def _shape_only(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """What torch.compile traces the operator as (shape and dtype, no computation)."""
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Weights ``q * scales + mins`` (``q`` uint8 [N, K] in 0..15; scales and mins [N, K / 32]) in
+    the kernel's layout: uint8 [N / 16, K / 32, 320] (see int4_vnni.cpp)."""
+    n, k = q.shape
+    tiles, groups = n // TILE, k // GROUP
+    # [tile, row j, group, chunk c, half h, i] where input = 32 group + 8 c + 4 h + i
+    nibbles = q.to(torch.uint8).reshape(tiles, TILE, groups, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+    packed = (nibbles[..., 0] | (nibbles[..., 1] << 4)).reshape(tiles, groups, 256)
+
+    def per_tile(values: torch.Tensor) -> torch.Tensor:
+        halves = values.to(torch.float16).reshape(tiles, TILE, groups).permute(0, 2, 1).contiguous()
+        return halves.view(torch.uint8)
+
+    return torch.cat((packed, per_tile(scales), per_tile(mins)), dim=-1).contiguous()

@@ -1,0 +1,150 @@
+// int4 weights x int8 activations on AVX-512 VNNI: the decode step's matrix-vector products.
+//
+// torch's weight-only int4 CPU kernel (_weight_int4pack_mm_for_cpu) widens every weight to
+// bfloat16 before it multiplies; at one row and one thread that unpacking, not the memory, sets
+// its speed. This kernel does what llama.cpp does on x86: each row of activations is quantized
+// to int8 in blocks of 32 (one scale per block), and 4-bit weights meet 8-bit activations in
+// VPDPBUSD (64 byte products per instruction), so a weight is touched once, as a nibble.
+//
+// Weights: groups of 32 inputs, value = q * scale + min (q in 0..15; GGUF's Q4_1, and Q4_0 with
+// min = -8 scale). They are repacked once (triserve/backends/llm/kernels/__init__.py) in tiles of
+// 16 output rows; per tile and group, 320 bytes:
+//   [0, 256)   4 chunks of 64 bytes; in chunk c, byte 4 j + i holds inputs 8 c + i (low nibble)
+//              and 8 c + 4 + i (high nibble) of output row j: one 32-bit lane per row, as
+//              VPDPBUSD sums 4 consecutive products per lane
+//   [256, 288) the 16 rows' scales, float16
+//   [288, 320) the 16 rows' mins, float16
+// A row's dot product with a group is scale * d * sum(q a) + min * d * sum(a), where d is the
+// activation block's scale and a its int8 values.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kTile = 16;
+constexpr int64_t kGroupBytes = 320;
+constexpr int64_t kRowsAtOnce = 4;  // activation rows that share one pass over a tile's weights
+
+// Rows of x (float32 [M, K]) as int8 blocks of 32: a[m, k], scale[m, g], scale x sum[m, g].
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* a, float* scale, float* scaled_sum) {
+  const int64_t groups = K / kGroup;
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* src = x + m * K + g * kGroup;
+        const __m512 v0 = _mm512_loadu_ps(src);
+        const __m512 v1 = _mm512_loadu_ps(src + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float d = amax / 127.0f;
+        const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inverse));  // round to nearest
+        const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inverse));
+        int8_t* dst = a + m * K + g * kGroup;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(i0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(i1));
+        scale[m * groups + g] = d;
+        scaled_sum[m * groups + g] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+      }
+    }
+  });
+}
+
+// One tile of 16 output rows for R activation rows: y[r, 0..16).
+template <int R>
+inline void tile_dot(const uint8_t* tile, int64_t groups, const int8_t* a, int64_t K, const float* scale,
+                     const float* scaled_sum, float* y, int64_t N) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 out[R];
+  for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* p = tile + g * kGroupBytes;
+    _mm_prefetch(reinterpret_cast<const char*>(p + 8 * kGroupBytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 8 * kGroupBytes + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 8 * kGroupBytes + 128), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 8 * kGroupBytes + 192), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p + 8 * kGroupBytes + 256), _MM_HINT_T0);
+    __m512i q[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m512i raw = _mm512_loadu_si512(p + 64 * c);
+      q[2 * c] = _mm512_and_si512(raw, nibble);
+      q[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+    }
+    const __m512 w_scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 256)));
+    const __m512 w_min = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 288)));
+    for (int r = 0; r < R; ++r) {
+      const int32_t* words = reinterpret_cast<const int32_t*>(a + r * K + g * kGroup);
+      __m512i even = _mm512_setzero_si512();
+      __m512i odd = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) {
+        even = _mm512_dpbusd_epi32(even, q[2 * c], _mm512_set1_epi32(words[2 * c]));
+        odd = _mm512_dpbusd_epi32(odd, q[2 * c + 1], _mm512_set1_epi32(words[2 * c + 1]));
+      }
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+      const int64_t at = r * groups + g;
+      out[r] = _mm512_fmadd_ps(_mm512_mul_ps(w_scale, _mm512_set1_ps(scale[at])), dot, out[r]);
+      out[r] = _mm512_fmadd_ps(w_min, _mm512_set1_ps(scaled_sum[at]), out[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N, out[r]);
+}
+
+at::Tensor int4_vnni_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(x.dim() == 2, "int4_vnni_linear: x must be 2-D, got ", x.dim(), "-D");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "int4_vnni_linear: packed must be contiguous uint8");
+  const int64_t M = x.size(0);
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % kGroup == 0 && n % kTile == 0, "int4_vnni_linear: K must be a multiple of 32 and N of 16");
+  const int64_t groups = K / kGroup;
+  const int64_t tiles = n / kTile;
+  TORCH_CHECK(packed.numel() == tiles * groups * kGroupBytes, "int4_vnni_linear: packed holds ", packed.numel(),
+              " bytes, expected ", tiles * groups * kGroupBytes, " for ", n, " x ", K);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
+  if (M == 0) return y;
+  at::Tensor a = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M, groups}, x.options().dtype(at::kFloat));
+  at::Tensor scaled_sum = at::empty({M, groups}, x.options().dtype(at::kFloat));
+  quantize_rows(xf.data_ptr<float>(), M, K, a.data_ptr<int8_t>(), scale.data_ptr<float>(), scaled_sum.data_ptr<float>());
+  const uint8_t* weights = packed.data_ptr<uint8_t>();
+  const int8_t* a_ptr = a.data_ptr<int8_t>();
+  const float* scale_ptr = scale.data_ptr<float>();
+  const float* sum_ptr = scaled_sum.data_ptr<float>();
+  float* y_ptr = y.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* tile = weights + t * groups * kGroupBytes;
+      for (int64_t m = 0; m < M; m += kRowsAtOnce) {
+        const int64_t rows = std::min(kRowsAtOnce, M - m);
+        const int8_t* a_rows = a_ptr + m * K;
+        const float* s_rows = scale_ptr + m * groups;
+        const float* ss_rows = sum_ptr + m * groups;
+        float* y_rows = y_ptr + m * n + t * kTile;
+        switch (rows) {
+          case 4: tile_dot<4>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
+          case 3: tile_dot<3>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
+          case 2: tile_dot<2>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
+          default: tile_dot<1>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(triserve, m) {
+  m.def("int4_vnni_linear(Tensor x, Tensor packed, int n) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(triserve, CPU, m) {
+  m.impl("int4_vnni_linear", &int4_vnni_linear);
+}
