@@ -83,6 +83,17 @@ def test_a_row_does_not_depend_on_its_neighbours():
     assert torch.equal(linear(batch[2:6]), together[2:6])
 
 
+def test_a_nan_or_inf_in_a_row_reaches_that_rows_output_only():
+    """The engine reports a sequence whose logits are not finite: the kernel must not turn a NaN in
+    the activations into a finite number (int8 cannot hold it), nor spread it to other rows."""
+    linear = Int4Linear(weight(), None, torch.float32, kernel="vnni")
+    x = torch.randn(3, 128)
+    x[1, 77] = float("nan")
+    x[2, 5] = float("inf")
+    out = linear(x)
+    assert out[0].isfinite().all() and out[1].isnan().all() and not out[2].isfinite().any()
+
+
 def test_inputs_of_any_layout_and_dtype_and_the_bias():
     w = weight()
     bias = torch.randn(96)

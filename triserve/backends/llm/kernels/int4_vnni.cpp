@@ -43,7 +43,10 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* a, float* scale
         const __m512 v0 = _mm512_loadu_ps(src);
         const __m512 v1 = _mm512_loadu_ps(src + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        const float d = amax / 127.0f;
+        // a NaN must reach the output (the engine reports a row whose logits are not finite);
+        // max() would drop it, and int8 cannot hold it: the block's scale carries it
+        const bool nan = (_mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q)) != 0;
+        const float d = nan ? std::nanf("") : amax / 127.0f;
         const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
         const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inverse));  // round to nearest
         const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inverse));
