@@ -58,6 +58,9 @@ def test_the_kernel_computes_its_definition_for_any_number_of_rows():
         want = defined_product(x, w)
         assert got.shape == (rows, 96)
         assert ((got - want).norm() / want.norm()).item() < 1e-5, rows
+        halves = x.bfloat16()  # the engine's activations: read as they are, no float32 copy
+        got, want = linear(halves).double(), defined_product(halves.float(), w)
+        assert ((got - want).norm() / want.norm()).item() < 1e-5, rows
     assert linear(torch.randn(0, 128)).shape == (0, 96)
 
 

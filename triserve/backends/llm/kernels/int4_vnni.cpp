@@ -33,15 +33,23 @@ constexpr int64_t kTile = 16;
 constexpr int64_t kGroupBytes = 320;
 constexpr int64_t kRowsAtOnce = 4;  // activation rows that share one pass over a tile's weights
 
-// Rows of x (float32 [M, K]) as int8 blocks of 32: a[m, k], scale[m, g], scale x sum[m, g].
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* a, float* scale, float* scaled_sum) {
+inline __m512 load16(const float* src) { return _mm512_loadu_ps(src); }
+
+inline __m512 load16(const at::BFloat16* src) {  // bfloat16 is float32's upper half
+  const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+
+// Rows of x ([M, K], float32 or bfloat16) as int8 blocks of 32: a[m, k], scale[m, g], scale x sum[m, g].
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* a, float* scale, float* scaled_sum) {
   const int64_t groups = K / kGroup;
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t g = 0; g < groups; ++g) {
-        const float* src = x + m * K + g * kGroup;
-        const __m512 v0 = _mm512_loadu_ps(src);
-        const __m512 v1 = _mm512_loadu_ps(src + 16);
+        const T* src = x + m * K + g * kGroup;
+        const __m512 v0 = load16(src);
+        const __m512 v1 = load16(src + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         // a NaN must reach the output (the engine reports a row whose logits are not finite);
         // max() would drop it, and int8 cannot hold it: the block's scale carries it
@@ -109,17 +117,22 @@ at::Tensor int4_vnni_linear(const at::Tensor& x, const at::Tensor& packed, int64
   const int64_t tiles = n / kTile;
   TORCH_CHECK(packed.numel() == tiles * groups * kGroupBytes, "int4_vnni_linear: packed holds ", packed.numel(),
               " bytes, expected ", tiles * groups * kGroupBytes, " for ", n, " x ", K);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor xc = x.scalar_type() == at::kBFloat16 ? x.contiguous() : x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
   if (M == 0) return y;
-  at::Tensor a = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({M, groups}, x.options().dtype(at::kFloat));
-  at::Tensor scaled_sum = at::empty({M, groups}, x.options().dtype(at::kFloat));
-  quantize_rows(xf.data_ptr<float>(), M, K, a.data_ptr<int8_t>(), scale.data_ptr<float>(), scaled_sum.data_ptr<float>());
+  // one workspace: the int8 rows, then their blocks' scales and scaled sums (K is a multiple of
+  // 32, so the floats are aligned)
+  at::Tensor workspace = at::empty({M * K + 2 * M * groups * static_cast<int64_t>(sizeof(float))},
+                                   x.options().dtype(at::kByte));
+  int8_t* a_ptr = reinterpret_cast<int8_t*>(workspace.data_ptr<uint8_t>());
+  float* scale_ptr = reinterpret_cast<float*>(a_ptr + M * K);
+  float* sum_ptr = scale_ptr + M * groups;
+  if (xc.scalar_type() == at::kBFloat16) {
+    quantize_rows(xc.data_ptr<at::BFloat16>(), M, K, a_ptr, scale_ptr, sum_ptr);
+  } else {
+    quantize_rows(xc.data_ptr<float>(), M, K, a_ptr, scale_ptr, sum_ptr);
+  }
   const uint8_t* weights = packed.data_ptr<uint8_t>();
-  const int8_t* a_ptr = a.data_ptr<int8_t>();
-  const float* scale_ptr = scale.data_ptr<float>();
-  const float* sum_ptr = scaled_sum.data_ptr<float>();
   float* y_ptr = y.data_ptr<float>();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
