@@ -176,7 +176,7 @@ def test_without_a_compiler_auto_keeps_torchs_kernel_and_vnni_is_refused(tmp_pat
         "from triserve.backends.llm.quantization import resolve_int4_kernel\n"
         "print(resolve_int4_kernel('auto'))\n"
         "try:\n    resolve_int4_kernel('vnni')\nexcept ValueError as error:\n    print(error)\n")
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "build")}
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TRISERVE_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [

@@ -22,6 +22,7 @@ and gate/up can be concatenated into one matrix each before packing.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -209,9 +210,11 @@ class Int4Linear:
 Linear = DenseLinear | Int8Linear | Int4Linear
 
 
+@functools.cache
 def resolve_int4_kernel(requested: str) -> str:
     """An :data:`INT4_KERNELS` choice as the kernel that will run (the VNNI kernel is built on the
-    first call that needs it); ``ValueError`` when "vnni" is asked for and cannot run."""
+    first call that needs it; a fallback is logged once); ``ValueError`` when "vnni" is asked for
+    and cannot run."""
     if requested not in INT4_KERNELS:
         raise ValueError(f"unknown int4_kernel '{requested}'; expected one of {', '.join(INT4_KERNELS)}")
     if requested == "torch":

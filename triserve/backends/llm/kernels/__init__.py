@@ -5,7 +5,9 @@ torch ships no int4 CPU kernel that multiplies without first widening every weig
 one thread, not the memory, sets the decode step's speed. ``int4_vnni.cpp`` does what
 llama.cpp does on x86: activations quantized to int8 in blocks of 32, nibbles multiplied
 by them with VPDPBUSD. It is compiled on first use with torch's C++ extension builder
-(gcc and ninja; seconds, cached in ``TORCH_EXTENSIONS_DIR``) and registered as the
+(gcc and ninja, ~10-20 s; ``scripts/install.sh`` does it at install) into
+``~/.cache/triserve/kernels/<torch version>-<python>/`` (a new torch builds it anew: a build
+against other torch headers is never loaded; ``TRISERVE_CACHE_DIR`` moves it), and registered as the
 operator ``torch.ops.triserve.int4_vnni_linear``, which ``torch.compile`` calls like any
 other. :func:`load` says why when it cannot be used (no AVX-512 VNNI, no compiler), and
 the engine then keeps torch's kernel.
@@ -14,11 +16,13 @@ the engine then keeps torch's kernel.
 from __future__ import annotations
 
 import logging
-import os
+import sys
 import threading
 from pathlib import Path
 
 import torch
+
+from triserve.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("int4_vnni.cpp")
 GROUP = 32  # inputs per group (one scale and one min each)
@@ -44,6 +48,11 @@ def _missing_cpu_flags() -> list[str]:
     return list(_CPU_FLAGS)
 
 
+def build_directory() -> Path:
+    """Where the kernel is built and cached: one folder per torch version and Python."""
+    return cache_dir("kernels") / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+
+
 def load() -> str | None:
     """Build (once per machine) and load the kernel; None when it runs, else why it cannot."""
     with _lock:
@@ -63,10 +72,12 @@ def _build() -> str | None:
         from torch.utils import cpp_extension
 
         cpp_extension.verify_ninja_availability()
-        log.info("building the int4 x int8 VNNI kernel (once per machine; cached in %s)",
-                 os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension._get_build_directory("", False))
+        build = build_directory()
+        build.mkdir(parents=True, exist_ok=True)
+        if not any(build.glob("*.so")):
+            log.info("building the int4 x int8 VNNI kernel (once per torch version, ~10-20 s) in %s", build)
         cpp_extension.load(name="triserve_int4_vnni", sources=[str(SOURCE)], extra_cflags=_FLAGS,
-                           is_python_module=False, verbose=False)
+                           build_directory=str(build), is_python_module=False, verbose=False)
         torch.library.register_fake("triserve::int4_vnni_linear", _shape_only)
     except Exception as error:  # no compiler, no ninja, a failed build: torch's kernel instead
         log.warning("the int4 x int8 VNNI kernel could not be built: %s", error)
