@@ -183,3 +183,36 @@ def test_without_a_compiler_auto_keeps_torchs_kernel_and_vnni_is_refused(tmp_pat
         "torch", "int4_kernel vnni cannot run here: it could not be built (the server log says why); "
                  "use int4_kernel auto or torch"]
     assert "could not be built" in result.stderr  # the log names the failure
+
+
+def test_two_compiled_models_in_one_process_keep_their_own_graphs():
+    """The compiled steps skip torch.compile's guards on the runner's own weights and sizes (a cost
+    per step); each runner compiles a code object of its own, so a second model whose step inputs
+    look the same (same KV heads and head size: same cache shapes), but whose sizes and weights
+    differ, never runs the first model's graph."""
+    engines = []
+    for seed, intermediate in ((1, 256), (2, 512)):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=intermediate, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             tie_word_embeddings=True)
+        engines.append(LLMEngine(LlamaForCausalLM(config).eval(),
+                                 EngineConfig(max_model_len=128, quantization="int4", compile=True)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(engines[0].config.threads)
+    try:
+        with torch.inference_mode():
+            logits = []
+            for engine in engines:
+                runner, cache = engine.runner, engine.kv_cache
+                runner.prefill(cache, [PrefillChunk(0, list(range(3, 30)), 0)])
+                compiled = runner.decode(cache, [5], [27])
+                runner.compiled = False
+                eager = runner.decode(cache, [5], [27])
+                runner.compiled = True
+                torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+                assert runner.compiled_steps == 1
+                logits.append(compiled)
+            assert not torch.allclose(logits[0], logits[1])  # two models, two answers
+    finally:
+        torch.set_num_threads(threads)
