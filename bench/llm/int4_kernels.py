@@ -51,7 +51,7 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for rows in args.rows:
-            inputs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in {k for k, _ in SHAPES}}
+            inputs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in {k for _, k in SHAPES}}
             steps = max(3, args.steps if rows <= 16 else args.steps // 10)
             times: dict[str, list[float]] = {"torch": [], "vnni": []}
             for step in range(steps + 2):

@@ -31,7 +31,7 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kTile = 16;
 constexpr int64_t kGroupBytes = 320;
-constexpr int64_t kRowsAtOnce = 4;  // activation rows that share one pass over a tile's weights
+constexpr int64_t kRowsAtOnce = 8;  // activation rows that share one pass over a tile's weights
 
 inline __m512 load16(const float* src) { return _mm512_loadu_ps(src); }
 
@@ -144,6 +144,10 @@ at::Tensor int4_vnni_linear(const at::Tensor& x, const at::Tensor& packed, int64
         const float* ss_rows = sum_ptr + m * groups;
         float* y_rows = y_ptr + m * n + t * kTile;
         switch (rows) {
+          case 8: tile_dot<8>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
+          case 7: tile_dot<7>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
+          case 6: tile_dot<6>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
+          case 5: tile_dot<5>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
           case 4: tile_dot<4>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
           case 3: tile_dot<3>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
           case 2: tile_dot<2>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
