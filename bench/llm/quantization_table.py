@@ -40,7 +40,7 @@ from triserve.backends.llm.loader import LLMSettings, load_model
 from triserve.cache import cache_dir, file_sha256
 
 TEXT = Path(__file__).resolve().parent / "quality_text.txt"
-#: label -> (model: "gguf" | "dense", dtype, quantization, head_quantization, int4_kernel)
+#: label -> (model: "gguf" | "dense", dtype, quantization, head_quantization, cpu_kernels)
 FORMATS = {
     "bf16 (reference)": ("dense", "bfloat16", "none", "none", "torch"),
     "float32": ("dense", "float32", "none", "none", "torch"),
@@ -72,11 +72,11 @@ def dense_checkpoint() -> Path:
 
 
 def measure_one(label: str, threads: int, logits_path: Path) -> dict:
-    kind, dtype, quantization, head_quantization, int4_kernel = FORMATS[label]
+    kind, dtype, quantization, head_quantization, cpu_kernels = FORMATS[label]
     model = weights_dir() / GGUF_FILE if kind == "gguf" else dense_checkpoint()
     torch.set_num_threads(threads)
     config = EngineConfig(max_model_len=1024, max_num_seqs=16, dtype=dtype, quantization=quantization,
-                          head_quantization=head_quantization, int4_kernel=int4_kernel, kv_cache_bytes=1 << 30)
+                          head_quantization=head_quantization, cpu_kernels=cpu_kernels, kv_cache_bytes=1 << 30)
     settings = LLMSettings(model, config)
     started = time.monotonic()
     source, tokenizer = load_model(settings, logging.getLogger("bench"))

@@ -114,7 +114,7 @@ def _own_code(method: Callable) -> Callable:
 class ModelRunner:
     def __init__(self, config: Any, weights: MutableMapping[str, Weight | torch.Tensor], max_model_len: int,
                  dtype: str = "float32", quantization: str = "none", device: str = "cpu",
-                 head_quantization: str = "none", int4_kernel: str = "torch"):
+                 head_quantization: str = "none", cpu_kernels: str = "torch"):
         """Takes (pops) each weight out of ``weights`` as it builds its own form of it."""
         check_supported(config, max_model_len)
         self.architecture = architecture_of(config)
@@ -181,8 +181,8 @@ class ModelRunner:
                 b if b is not None else torch.zeros(p.shape[0]) for b, p in zip(biases, parts)])
             whole = concatenate(parts)
             if whole is not None:
-                return make_linear(whole, bias, self.dtype, self.device, int4_kernel)
-            return tuple(make_linear(p, b, self.dtype, self.device, int4_kernel) for p, b in zip(parts, biases))
+                return make_linear(whole, bias, self.dtype, self.device, cpu_kernels)
+            return tuple(make_linear(p, b, self.dtype, self.device, cpu_kernels) for p, b in zip(parts, biases))
 
         embed = take("model.embed_tokens.weight")
         head = take("lm_head.weight")
@@ -224,7 +224,9 @@ class ModelRunner:
         else:
             if isinstance(head, torch.Tensor):
                 head = DenseWeight(head) if quantization == "none" else quantize(head, "int8")
-            self.lm_head = make_linear(head, None, self.dtype, self.device, int4_kernel)
+            # a rescored head reads its exact rows: torch's layout
+            self.lm_head = make_linear(head, None, self.dtype, self.device,
+                                       cpu_kernels if head_quantization == "none" else "torch")
         self.rope_tables = [(cos.to(self.device, self.dtype), sin.to(self.device, self.dtype))
                             for cos, sin in tables]
         if head_quantization != "none":
@@ -232,7 +234,7 @@ class ModelRunner:
                 raise ValueError(f"head_quantization {head_quantization} runs on torch's CPU kernels only, "
                                  f"not on device '{self.device}'")
             self.lm_head = RescoredHead(self.lm_head, self.dtype, ranking=head_quantization,
-                                        int4_kernel=int4_kernel)
+                                        cpu_kernels=cpu_kernels)
         self._key_positions = torch.arange(max_model_len, device=self.device)
         # or their compiled forms (compile_decode)
         self._decode_one, self._decode_many = self._decode_single, self._decode_batch

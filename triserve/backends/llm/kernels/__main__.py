@@ -1,5 +1,5 @@
-"""``python -m triserve.backends.llm.kernels``: build the LLM engine's own kernel now (scripts/install.sh
-runs it), instead of at the first load of an int4 model; says whether it will run here."""
+"""``python -m triserve.backends.llm.kernels``: build the LLM engine's own kernels now (scripts/install.sh
+runs it), instead of at the first load of a quantized model; says whether they will run here."""
 
 import logging
 import sys
@@ -9,7 +9,7 @@ from triserve.backends.llm.kernels import build_directory, load
 logging.basicConfig(level=logging.INFO, format="[kernels] %(message)s")
 why = load()
 if why is None:
-    print(f"[kernels] the int4 x int8 VNNI kernel is ready ({build_directory()})")
+    print(f"[kernels] the int4/int8 x int8 VNNI kernels are ready ({build_directory()})")
 else:
-    print(f"[kernels] the int4 x int8 VNNI kernel will not run here: {why}; int4 weights use torch's kernel")
+    print(f"[kernels] the VNNI kernels will not run here: {why}; quantized weights use torch's kernels")
 sys.exit(0)

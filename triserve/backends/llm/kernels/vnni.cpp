@@ -1,14 +1,15 @@
-// int4 weights x int8 activations on AVX-512 VNNI: the decode step's matrix-vector products.
+// Quantized weights x int8 activations on AVX-512 VNNI: the decode step's matrix-vector products.
 //
-// torch's weight-only int4 CPU kernel (_weight_int4pack_mm_for_cpu) widens every weight to
-// bfloat16 before it multiplies; at one row and one thread that unpacking, not the memory, sets
-// its speed. This kernel does what llama.cpp does on x86: each row of activations is quantized
-// to int8 in blocks of 32 (one scale per block), and 4-bit weights meet 8-bit activations in
-// VPDPBUSD (64 byte products per instruction), so a weight is touched once, as a nibble.
+// torch's weight-only CPU kernels (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) widen every
+// weight to bfloat16 before they multiply; at one row and one thread that widening, not the
+// memory, sets their speed, and at several rows they are bound by arithmetic. These kernels do
+// what llama.cpp does on x86: each row of activations is quantized to int8 in blocks of 32 (one
+// scale per block), and the weights meet them in VPDPBUSD (64 byte products per instruction), so a
+// weight is touched once, as it is stored.
 //
-// Weights: groups of 32 inputs, value = q * scale + min (q in 0..15; GGUF's Q4_1, and Q4_0 with
-// min = -8 scale). They are repacked once (triserve/backends/llm/kernels/__init__.py) in tiles of
-// 16 output rows; per tile and group, 320 bytes:
+// int4 weights: groups of 32 inputs, value = q * scale + min (q in 0..15; GGUF's Q4_1, and Q4_0
+// with min = -8 scale). They are repacked once (triserve/backends/llm/kernels/__init__.py) in
+// tiles of 16 output rows; per tile and group, 320 bytes:
 //   [0, 256)   4 chunks of 64 bytes; in chunk c, byte 4 j + i holds inputs 8 c + i (low nibble)
 //              and 8 c + 4 + i (high nibble) of output row j: one 32-bit lane per row, as
 //              VPDPBUSD sums 4 consecutive products per lane
@@ -16,6 +17,8 @@
 //   [288, 320) the 16 rows' mins, float16
 // A row's dot product with a group is scale * d * sum(q a) + min * d * sum(a), where d is the
 // activation block's scale and a its int8 values.
+//
+// int8 weights (one scale per output row): see int8_vnni_linear below.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -68,6 +71,34 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* a, float* scale, fl
   });
 }
 
+// The rows of x [M, K] as int8 blocks, in one workspace (both kernels take them so).
+struct Activations {
+  at::Tensor workspace;
+  int8_t* a;
+  float* scale;
+  float* scaled_sum;
+};
+
+Activations quantize(const at::Tensor& x) {
+  const int64_t M = x.size(0);
+  const int64_t K = x.size(1);
+  const int64_t groups = K / kGroup;
+  const at::Tensor xc = x.scalar_type() == at::kBFloat16 ? x.contiguous() : x.to(at::kFloat).contiguous();
+  // one workspace: the int8 rows, then their blocks' scales and scaled sums (K is a multiple of
+  // 32, so the floats are aligned)
+  Activations out;
+  out.workspace = at::empty({M * K + 2 * M * groups * static_cast<int64_t>(sizeof(float))}, x.options().dtype(at::kByte));
+  out.a = reinterpret_cast<int8_t*>(out.workspace.data_ptr<uint8_t>());
+  out.scale = reinterpret_cast<float*>(out.a + M * K);
+  out.scaled_sum = out.scale + M * groups;
+  if (xc.scalar_type() == at::kBFloat16) {
+    quantize_rows(xc.data_ptr<at::BFloat16>(), M, K, out.a, out.scale, out.scaled_sum);
+  } else {
+    quantize_rows(xc.data_ptr<float>(), M, K, out.a, out.scale, out.scaled_sum);
+  }
+  return out;
+}
+
 // One tile of 16 output rows for R activation rows: y[r, 0..16).
 template <int R>
 inline void tile_dot(const uint8_t* tile, int64_t groups, const int8_t* a, int64_t K, const float* scale,
@@ -117,21 +148,12 @@ at::Tensor int4_vnni_linear(const at::Tensor& x, const at::Tensor& packed, int64
   const int64_t tiles = n / kTile;
   TORCH_CHECK(packed.numel() == tiles * groups * kGroupBytes, "int4_vnni_linear: packed holds ", packed.numel(),
               " bytes, expected ", tiles * groups * kGroupBytes, " for ", n, " x ", K);
-  const at::Tensor xc = x.scalar_type() == at::kBFloat16 ? x.contiguous() : x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
   if (M == 0) return y;
-  // one workspace: the int8 rows, then their blocks' scales and scaled sums (K is a multiple of
-  // 32, so the floats are aligned)
-  at::Tensor workspace = at::empty({M * K + 2 * M * groups * static_cast<int64_t>(sizeof(float))},
-                                   x.options().dtype(at::kByte));
-  int8_t* a_ptr = reinterpret_cast<int8_t*>(workspace.data_ptr<uint8_t>());
-  float* scale_ptr = reinterpret_cast<float*>(a_ptr + M * K);
-  float* sum_ptr = scale_ptr + M * groups;
-  if (xc.scalar_type() == at::kBFloat16) {
-    quantize_rows(xc.data_ptr<at::BFloat16>(), M, K, a_ptr, scale_ptr, sum_ptr);
-  } else {
-    quantize_rows(xc.data_ptr<float>(), M, K, a_ptr, scale_ptr, sum_ptr);
-  }
+  const Activations act = quantize(x);
+  const int8_t* a_ptr = act.a;
+  const float* scale_ptr = act.scale;
+  const float* sum_ptr = act.scaled_sum;
   const uint8_t* weights = packed.data_ptr<uint8_t>();
   float* y_ptr = y.data_ptr<float>();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
@@ -159,12 +181,97 @@ at::Tensor int4_vnni_linear(const at::Tensor& x, const at::Tensor& packed, int64
   return y;
 }
 
+// int8 weights (one scale per output row) in tiles of 16 rows; per tile and group of 32 inputs,
+// 8 chunks of 64 bytes: in chunk c, byte 4 j + i is input 4 c + i of row j. VPDPBUSD multiplies
+// unsigned by signed bytes, so the weights' magnitudes are the unsigned side and their signs are
+// moved onto the activations (as llama.cpp does on x86): |w| (a sign(w)) = w a.
+constexpr int64_t kGroupBytes8 = 512;
+
+template <int R>
+inline void tile_dot8(const uint8_t* tile, int64_t groups, const int8_t* a, int64_t K, const float* scale,
+                      const float* row_scales, float* y, int64_t N) {
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 out[R];
+  for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* p = tile + g * kGroupBytes8;
+    for (int k = 0; k < 8; ++k) _mm_prefetch(reinterpret_cast<const char*>(p + 8 * kGroupBytes8 + 64 * k), _MM_HINT_T0);
+    __m512i magnitude[8];
+    __mmask64 negative[8];
+    for (int c = 0; c < 8; ++c) {
+      const __m512i w = _mm512_loadu_si512(p + 64 * c);
+      magnitude[c] = _mm512_abs_epi8(w);
+      negative[c] = _mm512_movepi8_mask(w);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int32_t* words = reinterpret_cast<const int32_t*>(a + r * K + g * kGroup);
+      __m512i even = _mm512_setzero_si512();
+      __m512i odd = _mm512_setzero_si512();
+      for (int c = 0; c < 8; c += 2) {
+        const __m512i a0 = _mm512_set1_epi32(words[c]);
+        const __m512i a1 = _mm512_set1_epi32(words[c + 1]);
+        even = _mm512_dpbusd_epi32(even, magnitude[c], _mm512_mask_sub_epi8(a0, negative[c], zero, a0));
+        odd = _mm512_dpbusd_epi32(odd, magnitude[c + 1], _mm512_mask_sub_epi8(a1, negative[c + 1], zero, a1));
+      }
+      out[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), _mm512_set1_ps(scale[r * groups + g]),
+                               out[r]);
+    }
+  }
+  const __m512 w_scale = _mm512_loadu_ps(row_scales);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N, _mm512_mul_ps(out[r], w_scale));
+}
+
+at::Tensor int8_vnni_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n) {
+  TORCH_CHECK(x.dim() == 2, "int8_vnni_linear: x must be 2-D, got ", x.dim(), "-D");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "int8_vnni_linear: packed must be contiguous uint8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == n,
+              "int8_vnni_linear: scales must be n contiguous float32");
+  const int64_t M = x.size(0);
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % kGroup == 0 && n % kTile == 0, "int8_vnni_linear: K must be a multiple of 32 and N of 16");
+  const int64_t groups = K / kGroup;
+  const int64_t tiles = n / kTile;
+  TORCH_CHECK(packed.numel() == tiles * groups * kGroupBytes8, "int8_vnni_linear: packed holds ", packed.numel(),
+              " bytes, expected ", tiles * groups * kGroupBytes8, " for ", n, " x ", K);
+  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
+  if (M == 0) return y;
+  const Activations act = quantize(x);
+  const uint8_t* weights = packed.data_ptr<uint8_t>();
+  const float* row_scales = scales.data_ptr<float>();
+  float* y_ptr = y.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* tile = weights + t * groups * kGroupBytes8;
+      for (int64_t m = 0; m < M; m += kRowsAtOnce) {
+        const int64_t rows = std::min(kRowsAtOnce, M - m);
+        const int8_t* a_rows = act.a + m * K;
+        const float* s_rows = act.scale + m * groups;
+        float* y_rows = y_ptr + m * n + t * kTile;
+        const float* w_scales = row_scales + t * kTile;
+        switch (rows) {
+          case 8: tile_dot8<8>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
+          case 7: tile_dot8<7>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
+          case 6: tile_dot8<6>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
+          case 5: tile_dot8<5>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
+          case 4: tile_dot8<4>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
+          case 3: tile_dot8<3>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
+          case 2: tile_dot8<2>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
+          default: tile_dot8<1>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(triserve, m) {
   m.def("int4_vnni_linear(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("int8_vnni_linear(Tensor x, Tensor packed, Tensor scales, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(triserve, CPU, m) {
   m.impl("int4_vnni_linear", &int4_vnni_linear);
+  m.impl("int8_vnni_linear", &int8_vnni_linear);
 }
