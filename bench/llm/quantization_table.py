@@ -44,14 +44,15 @@ TEXT = Path(__file__).resolve().parent / "quality_text.txt"
 FORMATS = {
     "bf16 (reference)": ("dense", "bfloat16", "none", "none", "torch"),
     "float32": ("dense", "float32", "none", "none", "torch"),
-    "int8 (quantization: int8)": ("dense", "bfloat16", "int8", "none", "torch"),
+    "int8 (quantization: int8), torch's kernel": ("dense", "bfloat16", "int8", "none", "torch"),
     "int4 (quantization: int4), torch's kernel": ("dense", "bfloat16", "int4", "none", "torch"),
     "int4, head int4, torch's kernel": ("dense", "bfloat16", "int4", "int4", "torch"),
     "GGUF Q4_1, head Q8_0 as stored (int8), torch's kernel": ("gguf", "bfloat16", "none", "none", "torch"),
     "GGUF Q4_1, head int4 (head_quantization: int4), torch's kernel": ("gguf", "bfloat16", "none", "int4", "torch"),
     "GGUF Q4_1, head ranked in int8, torch's kernel": ("gguf", "bfloat16", "none", "int8", "torch"),
-    "int4 (quantization: int4), VNNI kernel": ("dense", "bfloat16", "int4", "none", "vnni"),
-    "GGUF Q4_1, head ranked in int8, VNNI kernel (the default)": ("gguf", "bfloat16", "none", "int8", "vnni"),
+    "int8 (quantization: int8), VNNI kernels": ("dense", "bfloat16", "int8", "none", "vnni"),
+    "int4 (quantization: int4), VNNI kernels": ("dense", "bfloat16", "int4", "none", "vnni"),
+    "GGUF Q4_1, head ranked in int8, VNNI kernels (the default)": ("gguf", "bfloat16", "none", "int8", "vnni"),
 }
 
 
