@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from triserve.backends.llm import kernels
 from triserve.backends.llm.engine import EngineConfig, LLMEngine
 from triserve.backends.llm.gguf_weights import read_gguf_weights
 from triserve.backends.llm.model_runner import PrefillChunk
@@ -27,7 +28,9 @@ from triserve.backends.llm.quantization import (DenseWeight, Int4Linear, Int4Wei
                                                 RescoredHead, quantize)
 from triserve.backends.llm.weights import ModelSource
 
-LOGIT_TOLERANCE = 0.02  # of max |logit|: bfloat16 activations in the weight-only kernels
+LOGIT_TOLERANCE = 0.02  # of max |logit|: bfloat16 (torch's kernels) or int8 (VNNI kernel) activations
+# the quantized kernels, each tested where it runs (triserve's VNNI kernels need AVX-512 VNNI)
+CPU_KERNELS = ["torch"] + (["vnni"] if kernels.load() is None else [])
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512)
 PROMPT = list(range(3, 40))
@@ -124,10 +127,10 @@ def assert_logits_close(engine: LLMEngine, reference: torch.nn.Module, prompt: l
     assert (got - expected[: len(got)]).abs().max() <= bound
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_checkpoint_quantization_computes_its_dequantized_model(quantization):
+@pytest.mark.parametrize("quantization,cpu_kernels", [(q, k) for q in ("int8", "int4") for k in CPU_KERNELS])
+def test_checkpoint_quantization_computes_its_dequantized_model(quantization, cpu_kernels):
     model = tiny(tie_word_embeddings=True)
-    engine = LLMEngine(model, EngineConfig(max_model_len=128, quantization=quantization))
+    engine = LLMEngine(model, EngineConfig(max_model_len=128, quantization=quantization, cpu_kernels=cpu_kernels))
     held = {name: quantize(tensor, quantization) if name.endswith("_proj.weight") else tensor
             for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
     held["model.embed_tokens.weight"] = Int8Weight.quantize(held["model.embed_tokens.weight"])
@@ -192,9 +195,10 @@ def test_gguf_blocks_are_read_as_stored(tmp_path, projection_type):
     assert (q_proj - original).abs().max() < 0.25 * original.abs().max()
 
 
-@pytest.mark.parametrize("projection_type", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+@pytest.mark.parametrize("projection_type,cpu_kernels", [
+    (kind, kernel) for kind in (Q.Q4_0, Q.Q4_1, Q.Q8_0) for kernel in CPU_KERNELS])
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
-def test_engine_on_a_gguf_computes_its_dequantized_model(tmp_path, projection_type, architecture):
+def test_engine_on_a_gguf_computes_its_dequantized_model(tmp_path, projection_type, cpu_kernels, architecture):
     model = tiny(tie_word_embeddings=True) if architecture == "llama" else tiny(
         Qwen2ForCausalLM, Qwen2Config, tie_word_embeddings=True)
     path = tmp_path / "model.gguf"
@@ -202,7 +206,8 @@ def test_engine_on_a_gguf_computes_its_dequantized_model(tmp_path, projection_ty
     weights = read_gguf_weights(path, 4, 2, "none")
     reference = dequantized_reference(model, weights)
     engine = LLMEngine(ModelSource(model.config, weights, model.generation_config),
-                       EngineConfig(max_model_len=128))
+                       EngineConfig(max_model_len=128, cpu_kernels=cpu_kernels))
+    assert engine.runner.layers[0].gate_up_proj.kernel == cpu_kernels
     assert_logits_close(engine, reference, PROMPT)
 
 

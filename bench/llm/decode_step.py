@@ -3,9 +3,13 @@
     .venv/bin/python -m bench.llm.decode_step                      # the default repository's smollm2
     .venv/bin/python -m bench.llm.decode_step --batch 1 16 --threads 1 2 --profile
     .venv/bin/python -m bench.llm.decode_step --set quantization=int4 --set dtype=bfloat16
+    .venv/bin/python -m bench.llm.decode_step --batch 1 --threads 1 2 --bandwidth --rounds 3
 
 Each measurement prefills ``--context`` tokens per sequence, then times ``--steps``
-decode steps (median step time). ``--profile`` prints torch.profiler's top operators
+decode steps (median step time). ``--bandwidth`` puts each batch-1 step against the
+memory-bandwidth ceiling measured in the same run: the weight bytes the step reads over the
+read bandwidth of memory (a buffer past the cache) and over that of a buffer of the weights'
+own size (the ceiling where they stay in the last-level cache). ``--profile`` prints torch.profiler's top operators
 of a batch-1 step. Figures and findings: bench/llm/NOTES.md.
 """
 
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bench.llm.bandwidth import read_bandwidth_gb_s
 from triserve.backends.llm.loader import LLMSettings, load_model
 from triserve.backends.llm.engine import LLMEngine
 from triserve.backends.llm.model_runner import PrefillChunk
@@ -70,6 +75,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every variant this many times, alternating (A B A B ...)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--bandwidth", action="store_true",
+                        help="batch-1 steps as a fraction of the memory-bandwidth ceiling (same run)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config parameter of the default repository's smollm2 (all variants)")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
@@ -107,6 +114,18 @@ def main() -> None:
                 print(f"threads {threads} batch {batch:2d} [{name}]: step {median * 1e3:6.1f} ms "
                       f"(min {min(times) * 1e3:.1f}) = {batch / median:6.1f} tokens/s, "
                       f"{base / median:.2f}x base", flush=True)
+    if args.bandwidth and 1 in args.batch:
+        for threads in args.threads:
+            memory = read_bandwidth_gb_s(threads)
+            for index, (name, _) in enumerate(variants):
+                weight_mb = engines[index].runner.weight_bytes / 1e6
+                same_size = read_bandwidth_gb_s(threads, max(1, round(weight_mb)))
+                step_ms = statistics.median(results[(threads, 1, index)]) * 1e3
+                print(f"threads {threads} [{name}]: {weight_mb:.1f} MB a step in {step_ms:.2f} ms = "
+                      f"{weight_mb / step_ms:.1f} GB/s; memory read bandwidth {memory:.1f} GB/s (floor "
+                      f"{weight_mb / memory:.2f} ms): {weight_mb / memory / step_ms:.0%} of the ceiling; "
+                      f"a {weight_mb:.0f} MB buffer read warm {same_size:.1f} GB/s: "
+                      f"{weight_mb / same_size / step_ms:.0%}", flush=True)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.profile:

@@ -40,16 +40,19 @@ from triserve.backends.llm.loader import LLMSettings, load_model
 from triserve.cache import cache_dir, file_sha256
 
 TEXT = Path(__file__).resolve().parent / "quality_text.txt"
-#: label -> (model: "gguf" | "dense", dtype, quantization, head_quantization)
+#: label -> (model: "gguf" | "dense", dtype, quantization, head_quantization, cpu_kernels)
 FORMATS = {
-    "bf16 (reference)": ("dense", "bfloat16", "none", "none"),
-    "float32": ("dense", "float32", "none", "none"),
-    "int8 (quantization: int8)": ("dense", "bfloat16", "int8", "none"),
-    "int4 (quantization: int4)": ("dense", "bfloat16", "int4", "none"),
-    "int4, head int4": ("dense", "bfloat16", "int4", "int4"),
-    "GGUF Q4_1, head Q8_0 as stored (int8)": ("gguf", "bfloat16", "none", "none"),
-    "GGUF Q4_1, head int4 (head_quantization: int4)": ("gguf", "bfloat16", "none", "int4"),
-    "GGUF Q4_1, head ranked in int8 (head_quantization: int8, the default)": ("gguf", "bfloat16", "none", "int8"),
+    "bf16 (reference)": ("dense", "bfloat16", "none", "none", "torch"),
+    "float32": ("dense", "float32", "none", "none", "torch"),
+    "int8 (quantization: int8), torch's kernel": ("dense", "bfloat16", "int8", "none", "torch"),
+    "int4 (quantization: int4), torch's kernel": ("dense", "bfloat16", "int4", "none", "torch"),
+    "int4, head int4, torch's kernel": ("dense", "bfloat16", "int4", "int4", "torch"),
+    "GGUF Q4_1, head Q8_0 as stored (int8), torch's kernel": ("gguf", "bfloat16", "none", "none", "torch"),
+    "GGUF Q4_1, head int4 (head_quantization: int4), torch's kernel": ("gguf", "bfloat16", "none", "int4", "torch"),
+    "GGUF Q4_1, head ranked in int8, torch's kernel": ("gguf", "bfloat16", "none", "int8", "torch"),
+    "int8 (quantization: int8), VNNI kernels": ("dense", "bfloat16", "int8", "none", "vnni"),
+    "int4 (quantization: int4), VNNI kernels": ("dense", "bfloat16", "int4", "none", "vnni"),
+    "GGUF Q4_1, head ranked in int8, VNNI kernels (the default)": ("gguf", "bfloat16", "none", "int8", "vnni"),
 }
 
 
@@ -70,11 +73,11 @@ def dense_checkpoint() -> Path:
 
 
 def measure_one(label: str, threads: int, logits_path: Path) -> dict:
-    kind, dtype, quantization, head_quantization = FORMATS[label]
+    kind, dtype, quantization, head_quantization, cpu_kernels = FORMATS[label]
     model = weights_dir() / GGUF_FILE if kind == "gguf" else dense_checkpoint()
     torch.set_num_threads(threads)
     config = EngineConfig(max_model_len=1024, max_num_seqs=16, dtype=dtype, quantization=quantization,
-                          head_quantization=head_quantization, kv_cache_bytes=1 << 30)
+                          head_quantization=head_quantization, cpu_kernels=cpu_kernels, kv_cache_bytes=1 << 30)
     settings = LLMSettings(model, config)
     started = time.monotonic()
     source, tokenizer = load_model(settings, logging.getLogger("bench"))

@@ -31,7 +31,7 @@ from typing import Callable
 
 from google.protobuf import text_format
 
-from bench.llm.bandwidth import copy_bandwidth_gb_s, weight_bytes
+from bench.llm.bandwidth import read_bandwidth_gb_s, weight_bytes
 from bench.llm.clients import ChatClient, FastAPIClient, SeedStyleClient, TriserveStreamClient, Turn
 from bench.llm.workload import FOLLOW_UPS, TOPICS, LoadResult, Tokens, run_conversations
 from bench.procs import PeakRss, ServerProcess, free_port, triserve_server
@@ -220,12 +220,12 @@ def decode_floor(decode_runs: list[dict]) -> dict:
     settings = LLMSettings.from_config(read_config(model_dir), model_dir)
     weights = weight_bytes(settings)
     threads = settings.engine.threads
-    bandwidth = copy_bandwidth_gb_s(threads)
+    bandwidth = read_bandwidth_gb_s(threads)
     floor_ms = weights.bytes_per_token / (bandwidth * 1e9) * 1000
     measured = statistics.median(r["decode_tok_s"] for r in decode_runs)
     return {"parameters": weights.parameters, "dtype": weights.dtype, "quantization": weights.quantization,
             "weight_mb_per_token": weights.bytes_per_token / 1e6, "threads": threads,
-            "copy_bandwidth_gb_s": bandwidth, "floor_ms_per_token": floor_ms,
+            "read_bandwidth_gb_s": bandwidth, "floor_ms_per_token": floor_ms,
             "ceiling_tok_s": 1000 / floor_ms, "measured_tok_s": measured,
             "fraction_of_ceiling": measured * floor_ms / 1000}
 
@@ -262,10 +262,10 @@ def summary(raw: dict, loads: list[LoadResult], args: argparse.Namespace) -> str
     if "floor" in raw:
         f = raw["floor"]
         parts.append("## Batch-1 decode against the memory-bandwidth floor\n\n" + markdown_table(
-            ["parameters", "dtype / quantization", "weight MB per token", "threads", "copy bandwidth GB/s",
+            ["parameters", "dtype / quantization", "weight MB per token", "threads", "read bandwidth GB/s",
              "floor ms/token", "ceiling tokens/s", "measured tokens/s (median)", "fraction of ceiling"],
             [[f["parameters"], f"{f['dtype']} / {f['quantization']}", f["weight_mb_per_token"], f["threads"],
-              f["copy_bandwidth_gb_s"], f["floor_ms_per_token"], f["ceiling_tok_s"], f["measured_tok_s"],
+              f["read_bandwidth_gb_s"], f["floor_ms_per_token"], f["ceiling_tok_s"], f["measured_tok_s"],
               f["fraction_of_ceiling"]]],
             digits=[0, 0, 0, 0, 1, 1, 1, 1, 2]))
     if raw.get("kv_on") and raw.get("kv_off"):

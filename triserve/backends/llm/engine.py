@@ -39,7 +39,7 @@ import torch
 from triserve.backends.llm.faults import FaultInjection
 from triserve.backends.llm.model_runner import DTYPES, ModelRunner, PrefillChunk
 from triserve.backends.llm.prefix_cache import PrefixCache
-from triserve.backends.llm.quantization import QUANTIZATIONS
+from triserve.backends.llm.quantization import CPU_KERNELS, QUANTIZATIONS
 from triserve.backends.llm.sampling import SamplingParams, SamplingRow, make_generator, sample
 from triserve.backends.llm.supervision import RestartPolicy
 from triserve.backends.llm.weights import ModelSource
@@ -65,6 +65,9 @@ class EngineConfig:
     # the output head: none (as stored or as `quantization` says) | int4 (re-quantized into groups
     # of 32: the head is the largest single matrix, and int4's kernel reads it fastest)
     head_quantization: str = "none"
+    # what multiplies int4 weights (quantization int4, a GGUF's Q4 blocks): auto | vnni | torch
+    # (quantization.CPU_KERNELS)
+    cpu_kernels: str = "auto"
     # prompt tokens prefilled per step: a longer prompt (or a burst of them) is prefilled in
     # chunks over several steps, so the running sequences' next token waits for one bounded chunk
     max_prefill_tokens: int = 512
@@ -105,6 +108,8 @@ class EngineConfig:
             raise ValueError(f"unknown dtype '{self.dtype}'; expected one of {', '.join(DTYPES)}")
         if self.head_quantization not in ("none", "int8", "int4"):
             raise ValueError(f"unknown head_quantization '{self.head_quantization}'; expected none, int8 or int4")
+        if self.cpu_kernels not in CPU_KERNELS:
+            raise ValueError(f"unknown cpu_kernels '{self.cpu_kernels}'; expected one of {', '.join(CPU_KERNELS)}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization '{self.quantization}'; "
                              f"expected one of {', '.join(QUANTIZATIONS)}")
@@ -183,7 +188,8 @@ class LLMEngine:
         source = model if isinstance(model, ModelSource) else ModelSource.from_hf_model(model)
         with torch.inference_mode():
             self.runner = ModelRunner(source.config, source.weights, config.max_model_len, config.dtype,
-                                      config.quantization, config.device, config.head_quantization)
+                                      config.quantization, config.device, config.head_quantization,
+                                      config.cpu_kernels)
         self._spare_slots = 1 if config.uses_cuda_graphs else 0  # the CUDA graphs' padding rows write there
         self.max_slots = _kv_slots(config, self.runner.kv_bytes_per_token, self._spare_slots)
         self.kv_cache = self.runner.new_kv_cache(self.max_slots, self._spare_slots)

@@ -33,7 +33,7 @@ from triserve.cache import cache_dir, file_sha256
 _PACKAGE_PREFIX = "package:"
 _PARAMETERS = ("model", "dtype", "quantization", "max_num_seqs", "max_model_len",
                "max_prefill_tokens", "max_queue_size", "prefix_cache_mb", "kv_cache_mb", "device",
-               "num_threads", "compile", "cuda_graphs", "head_quantization", "trust_remote_code", "fault_nan_seed", "fault_prefill_seed", "fault_crash_seed")
+               "num_threads", "compile", "cuda_graphs", "head_quantization", "cpu_kernels", "trust_remote_code", "fault_nan_seed", "fault_prefill_seed", "fault_crash_seed")
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class LLMSettings:
             device=device,
             quantization=values.get("quantization") or defaults.quantization,
             head_quantization=values.get("head_quantization") or defaults.head_quantization,
+            cpu_kernels=values.get("cpu_kernels") or defaults.cpu_kernels,
             fault_nan_seed=integer("fault_nan_seed", None),
             fault_crash_seed=integer("fault_crash_seed", None),
             fault_prefill_seed=integer("fault_prefill_seed", None),

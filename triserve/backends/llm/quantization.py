@@ -9,22 +9,31 @@ multiplied by torch's weight-only kernels, never dequantized to a full-size copy
   on the weight packed by ``_convert_weight_to_int4pack_for_cpu``. GGUF's Q4_0
   (``(q - 8) * d``: zero 0) and Q4_1 (``q * d + m``: zero ``m + 8 d``) blocks are
   exactly this layout, so they are repacked without any rounding;
-- int8 with one scale per output channel: ``torch._weight_int8pack_mm``.
+- int8 with one scale per output channel: ``torch._weight_int8pack_mm``;
+- or either of them, where the CPU has AVX-512 VNNI, on triserve's own kernels
+  (``cpu_kernels``, :mod:`triserve.backends.llm.kernels`): activations quantized to
+  int8 in blocks of 32 and multiplied by the weights as stored with integer dot
+  products, as llama.cpp does.
 
-Both kernels compute in bfloat16 (their CPU kernels are fast only for it), and
-hand back the engine's dtype. Weights are first gathered in an unpacked form
+torch's kernels compute in bfloat16 (their CPU kernels are fast only for it); every
+kernel hands back the engine's dtype. Weights are first gathered in an unpacked form
 (:class:`DenseWeight`, :class:`Int8Weight`, :class:`Int4Weight`) so that q/k/v
 and gate/up can be concatenated into one matrix each before packing.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 QUANTIZATIONS = ("none", "int8", "int4")
+# what multiplies int4 and int8 weights: "vnni" (triserve's kernels: int8 activations, AVX-512
+# VNNI) | "torch" (torch's weight-only kernels: the weight is widened to bfloat16) | "auto" (vnni
+# where it runs, else torch)
+CPU_KERNELS = ("auto", "vnni", "torch")
 GROUP = 32  # int4 group size along the input dimension (GGUF's block size)
 COMPUTE_DTYPE = torch.bfloat16  # what the weight-only kernels compute in
 
@@ -89,9 +98,12 @@ Weight = DenseWeight | Int8Weight | Int4Weight
 
 
 def int4_fits(shape: tuple[int, int]) -> bool:
-    """The int4 kernel needs whole groups along the input and 16-row tiles along the output."""
+    """The int4 kernels need whole groups along the input and 16-row tiles along the output."""
     out, inputs = shape
     return inputs % GROUP == 0 and out % 16 == 0
+
+
+vnni_fits = int4_fits  # triserve's int8 kernel has the int4 kernels' tiles and groups
 
 
 def quantize(weight: torch.Tensor, quantization: str) -> Weight:
@@ -144,38 +156,74 @@ class DenseLinear:
 
 
 class Int8Linear:
-    """Weight-only int8 with one scale per output channel, computed in bfloat16."""
+    """Int8 with one scale per output channel. ``kernel`` "torch": weight-only, computed in
+    bfloat16 (``weight`` is then the plain [out, in] table: an embedding or a rescored head reads
+    its rows); "vnni": the activations are quantized to int8 per block of 32 and multiplied by the
+    weights in integer dot products (1.7x torch's kernel at one row and one thread, 4x at 16 rows;
+    bench/llm/NOTES.md), the weight repacked for it."""
 
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
-        self.weight = weight.q
-        self.scales = weight.scales.to(COMPUTE_DTYPE)
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str = "torch"):
+        if kernel not in ("vnni", "torch"):
+            raise ValueError(f"unknown int8 kernel '{kernel}'; expected vnni or torch")
+        self.kernel = kernel if vnni_fits(weight.shape) else "torch"
+        self.out_features = weight.shape[0]
+        if self.kernel == "vnni":
+            from triserve.backends.llm import kernels
+
+            self.weight = kernels.pack_int8(weight.q)
+            self.scales = weight.scales.float().contiguous()
+        else:
+            self.weight = weight.q
+            self.scales = weight.scales.to(COMPUTE_DTYPE)
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.dtype = dtype
         self.nbytes = _nbytes(self.weight, self.scales, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
-        y = torch._weight_int8pack_mm(flat, self.weight, self.scales).to(self.dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.kernel == "vnni":
+            y = torch.ops.triserve.int8_vnni_linear(flat, self.weight, self.scales, self.out_features)
+        else:
+            y = torch._weight_int8pack_mm(flat.to(COMPUTE_DTYPE), self.weight, self.scales)
+        y = y.to(self.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class Int4Linear:
-    """Weight-only int4 in groups of 32 inputs (scale and zero per group), computed in bfloat16."""
+    """Int4 in groups of 32 inputs (scale and zero per group). ``kernel`` "torch": weight-only,
+    computed in bfloat16; "vnni" (a resolved :data:`CPU_KERNELS` choice): the activations are
+    quantized to int8 per block of 32 and meet the nibbles in integer dot products (2.5x torch's
+    kernel at one row and one thread, 3-4x at 16 rows and in prefill; bench/llm/NOTES.md)."""
 
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype):
-        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
-        # [in / GROUP, out, 2]: the kernel's scales_and_zeros
-        self.scales_and_zeros = torch.stack((weight.scales.t(), weight.zeros.t()), dim=-1).to(
-            COMPUTE_DTYPE).contiguous()
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str = "torch"):
+        if kernel not in ("vnni", "torch"):
+            raise ValueError(f"unknown int4 kernel '{kernel}'; expected vnni or torch")
+        self.kernel = kernel
+        self.out_features = weight.shape[0]
+        if kernel == "vnni":
+            from triserve.backends.llm import kernels
+
+            # value = q * scale + (zero - 8 scale); one buffer of nibbles, float16 scales and mins
+            self.weight = kernels.pack_int4(weight.q, weight.scales, weight.zeros - 8 * weight.scales)
+            self.scales_and_zeros = None
+        else:
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)
+            # [in / GROUP, out, 2]: the kernel's scales_and_zeros
+            self.scales_and_zeros = torch.stack((weight.scales.t(), weight.zeros.t()), dim=-1).to(
+                COMPUTE_DTYPE).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.dtype = dtype
         self.nbytes = _nbytes(self.weight, self.scales_and_zeros, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP, self.scales_and_zeros)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.kernel == "vnni":
+            y = torch.ops.triserve.int4_vnni_linear(flat, self.weight, self.out_features)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(COMPUTE_DTYPE), self.weight, GROUP,
+                                                           self.scales_and_zeros)
         y = y.to(self.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -185,15 +233,36 @@ class Int4Linear:
 Linear = DenseLinear | Int8Linear | Int4Linear
 
 
+@functools.cache
+def resolve_cpu_kernels(requested: str) -> str:
+    """An :data:`CPU_KERNELS` choice as the kernel that will run (the VNNI kernel is built on the
+    first call that needs it; a fallback is logged once); ``ValueError`` when "vnni" is asked for
+    and cannot run."""
+    if requested not in CPU_KERNELS:
+        raise ValueError(f"unknown cpu_kernels '{requested}'; expected one of {', '.join(CPU_KERNELS)}")
+    if requested == "torch":
+        return "torch"
+    from triserve.backends.llm import kernels
+
+    why = kernels.load()
+    if why is None:
+        return "vnni"
+    if requested == "vnni":
+        raise ValueError(f"cpu_kernels vnni cannot run here: {why}; use cpu_kernels auto or torch")
+    kernels.log.info("quantized weights use torch's kernels: the VNNI kernels cannot run here (%s)", why)
+    return "torch"
+
+
 def make_linear(weight: Weight, bias: torch.Tensor | None, dtype: torch.dtype,
-                device: torch.device = torch.device("cpu")) -> Linear:
+                device: torch.device = torch.device("cpu"), cpu_kernels: str = "torch") -> Linear:
+    """``cpu_kernels``: one of :data:`CPU_KERNELS`, for an int4 or int8 weight."""
     if device.type != "cpu" and not isinstance(weight, DenseWeight):
         raise ValueError(f"quantized weights run on torch's CPU kernels only, not on device '{device}': "
                          f"on a GPU serve a float checkpoint (safetensors) with quantization none")
     if isinstance(weight, Int4Weight):
-        return Int4Linear(weight, bias, dtype)
+        return Int4Linear(weight, bias, dtype, resolve_cpu_kernels(cpu_kernels))
     if isinstance(weight, Int8Weight):
-        return Int8Linear(weight, bias, dtype)
+        return Int8Linear(weight, bias, dtype, resolve_cpu_kernels(cpu_kernels))
     return DenseLinear(weight, bias, dtype, device)
 
 
@@ -250,7 +319,7 @@ class RescoredHead:
       when the exact head is int8, the rows rank in int8 as above (``rank_int8``)."""
 
     def __init__(self, exact: "DenseLinear | Int8Linear", dtype: torch.dtype, ranking: str = "int8",
-                 candidates: int = 64):
+                 candidates: int = 64, cpu_kernels: str = "torch"):
         if ranking not in ("int8", "int4"):
             raise ValueError(f"unknown head ranking '{ranking}'; expected int8 or int4")
         self.exact = exact
@@ -270,7 +339,7 @@ class RescoredHead:
             weight = exact.weight.float()
             if isinstance(exact, Int8Linear):
                 weight = weight * exact.scales.float()[:, None]
-            self.fast = Int4Linear(Int4Weight.quantize(weight), None, dtype)
+            self.fast = Int4Linear(Int4Weight.quantize(weight), None, dtype, resolve_cpu_kernels(cpu_kernels))
             self.extra_nbytes += self.fast.nbytes
         # rows from which ranking is int8 (None: never); where it changes, a seeded sequence
         # keeps the one-row ranking whatever its batch
