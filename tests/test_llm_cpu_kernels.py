@@ -202,15 +202,17 @@ def test_two_compiled_models_in_one_process_keep_their_own_graphs():
     """The compiled steps skip torch.compile's guards on the runner's own weights and sizes (a cost
     per step); each runner compiles a code object of its own, so a second model whose step inputs
     look the same (same KV heads and head size: same cache shapes), but whose sizes and weights
-    differ, never runs the first model's graph."""
+    differ, never runs the first model's graph; nor does the first's batch range (2-4 sequences)
+    constrain the second's (2-16)."""
     engines = []
-    for seed, intermediate in ((1, 256), (2, 512)):
+    for seed, intermediate, slots in ((1, 256, 4), (2, 512, 16)):
         torch.manual_seed(seed)
         config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=intermediate, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                              tie_word_embeddings=True)
         engines.append(LLMEngine(LlamaForCausalLM(config).eval(),
-                                 EngineConfig(max_model_len=128, quantization="int4", compile=True)))
+                                 EngineConfig(max_model_len=128, quantization="int4", compile=True,
+                                              max_num_seqs=slots)))
     threads = torch.get_num_threads()
     torch.set_num_threads(engines[0].config.threads)
     try:
@@ -218,14 +220,16 @@ def test_two_compiled_models_in_one_process_keep_their_own_graphs():
             logits = []
             for engine in engines:
                 runner, cache = engine.runner, engine.kv_cache
-                runner.prefill(cache, [PrefillChunk(0, list(range(3, 30)), 0)])
-                compiled = runner.decode(cache, [5], [27])
-                runner.compiled = False
-                eager = runner.decode(cache, [5], [27])
-                runner.compiled = True
-                torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
-                assert runner.compiled_steps == 1
-                logits.append(compiled)
+                batch = cache.slots  # 4, then 16: each runner's whole batch range
+                runner.prefill(cache, [PrefillChunk(slot, list(range(3, 30)), 0) for slot in range(batch)])
+                for tokens in ([5], [5] * batch):
+                    compiled = runner.decode(cache, tokens, [27] * len(tokens), list(range(len(tokens))))
+                    runner.compiled = False
+                    eager = runner.decode(cache, tokens, [27] * len(tokens), list(range(len(tokens))))
+                    runner.compiled = True
+                    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+                assert runner.compiled_steps == 1 and runner.compiled_batch_steps == 1
+                logits.append(compiled[0])
             assert not torch.allclose(logits[0], logits[1])  # two models, two answers
     finally:
         torch.set_num_threads(threads)

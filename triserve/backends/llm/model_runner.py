@@ -101,13 +101,19 @@ def _inputs_guards_only(entries: list) -> list[bool]:
     return [not entry.name.startswith("self.") for entry in entries]
 
 
+_compiled_runners = itertools.count(1)
+
+
 def _own_code(method: Callable) -> Callable:
-    """``method`` bound to a copy of its function with a code object of its own. torch.compile keeps
-    compiled graphs and their guards per code object, so this runner's graphs are its alone (two
-    models in one process never share a graph, whatever guards are dropped)."""
+    """``method`` bound to a copy of its function with a code object of its own, under a name of its
+    own. torch.compile keeps compiled graphs and their guards per code object, and what it learns
+    of dynamic sizes per code name and line: so this runner's graphs and sizes are its alone (two
+    models in one process never share a graph, whatever guards are dropped, nor one's batch range
+    constrain the other's)."""
     function = method.__func__
-    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
-                              function.__defaults__, function.__closure__)
+    name = f"{function.__name__}_runner{next(_compiled_runners)}"
+    code = function.__code__.replace(co_name=name, co_qualname=f"{function.__qualname__}_{name}")
+    copy = types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
     return types.MethodType(copy, method.__self__)
 
 
