@@ -26,6 +26,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 
@@ -138,45 +139,55 @@ inline void tile_dot(const uint8_t* tile, int64_t groups, const int8_t* a, int64
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N, out[r]);
 }
 
-at::Tensor int4_vnni_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
-  TORCH_CHECK(x.dim() == 2, "int4_vnni_linear: x must be 2-D, got ", x.dim(), "-D");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "int4_vnni_linear: packed must be contiguous uint8");
-  const int64_t M = x.size(0);
+// The operands' sizes, checked: x [M, K], packed weights of n rows in tiles of group_bytes per group.
+struct Shape {
+  int64_t M, K, groups, tiles;
+};
+
+Shape checked_shape(const char* op, const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t group_bytes) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got ", x.dim(), "-D");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), op, ": packed must be contiguous uint8");
   const int64_t K = x.size(1);
-  TORCH_CHECK(K % kGroup == 0 && n % kTile == 0, "int4_vnni_linear: K must be a multiple of 32 and N of 16");
-  const int64_t groups = K / kGroup;
-  const int64_t tiles = n / kTile;
-  TORCH_CHECK(packed.numel() == tiles * groups * kGroupBytes, "int4_vnni_linear: packed holds ", packed.numel(),
-              " bytes, expected ", tiles * groups * kGroupBytes, " for ", n, " x ", K);
-  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
-  if (M == 0) return y;
-  const Activations act = quantize(x);
-  const int8_t* a_ptr = act.a;
-  const float* scale_ptr = act.scale;
-  const float* sum_ptr = act.scaled_sum;
-  const uint8_t* weights = packed.data_ptr<uint8_t>();
-  float* y_ptr = y.data_ptr<float>();
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  TORCH_CHECK(K % kGroup == 0 && n % kTile == 0, op, ": K must be a multiple of 32 and N of 16");
+  const Shape shape{x.size(0), K, K / kGroup, n / kTile};
+  TORCH_CHECK(packed.numel() == shape.tiles * shape.groups * group_bytes, op, ": packed holds ", packed.numel(),
+              " bytes, expected ", shape.tiles * shape.groups * group_bytes, " for ", n, " x ", K);
+  return shape;
+}
+
+// Calls dot(rows, t, m) for every tile t and every run of up to kRowsAtOnce activation rows from
+// row m, rows as a compile-time constant (std::integral_constant); tiles split over torch's threads.
+template <typename Dot>
+void for_each_tile(const Shape& shape, const Dot& dot) {
+  at::parallel_for(0, shape.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* tile = weights + t * groups * kGroupBytes;
-      for (int64_t m = 0; m < M; m += kRowsAtOnce) {
-        const int64_t rows = std::min(kRowsAtOnce, M - m);
-        const int8_t* a_rows = a_ptr + m * K;
-        const float* s_rows = scale_ptr + m * groups;
-        const float* ss_rows = sum_ptr + m * groups;
-        float* y_rows = y_ptr + m * n + t * kTile;
-        switch (rows) {
-          case 8: tile_dot<8>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
-          case 7: tile_dot<7>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
-          case 6: tile_dot<6>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
-          case 5: tile_dot<5>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
-          case 4: tile_dot<4>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
-          case 3: tile_dot<3>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
-          case 2: tile_dot<2>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
-          default: tile_dot<1>(tile, groups, a_rows, K, s_rows, ss_rows, y_rows, n); break;
+      for (int64_t m = 0; m < shape.M; m += kRowsAtOnce) {
+        switch (std::min(kRowsAtOnce, shape.M - m)) {
+          case 8: dot(std::integral_constant<int, 8>{}, t, m); break;
+          case 7: dot(std::integral_constant<int, 7>{}, t, m); break;
+          case 6: dot(std::integral_constant<int, 6>{}, t, m); break;
+          case 5: dot(std::integral_constant<int, 5>{}, t, m); break;
+          case 4: dot(std::integral_constant<int, 4>{}, t, m); break;
+          case 3: dot(std::integral_constant<int, 3>{}, t, m); break;
+          case 2: dot(std::integral_constant<int, 2>{}, t, m); break;
+          default: dot(std::integral_constant<int, 1>{}, t, m); break;
         }
       }
     }
+  });
+}
+
+at::Tensor int4_vnni_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+  const Shape shape = checked_shape("int4_vnni_linear", x, packed, n, kGroupBytes);
+  at::Tensor y = at::empty({shape.M, n}, x.options().dtype(at::kFloat));
+  if (shape.M == 0) return y;
+  const Activations act = quantize(x);
+  const uint8_t* weights = packed.data_ptr<uint8_t>();
+  float* out = y.data_ptr<float>();
+  const int64_t K = shape.K, groups = shape.groups;
+  for_each_tile(shape, [&](auto rows, int64_t t, int64_t m) {
+    tile_dot<decltype(rows)::value>(weights + t * groups * kGroupBytes, groups, act.a + m * K, K,
+                                    act.scale + m * groups, act.scaled_sum + m * groups, out + m * n + t * kTile, n);
   });
   return y;
 }
@@ -222,44 +233,19 @@ inline void tile_dot8(const uint8_t* tile, int64_t groups, const int8_t* a, int6
 }
 
 at::Tensor int8_vnni_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n) {
-  TORCH_CHECK(x.dim() == 2, "int8_vnni_linear: x must be 2-D, got ", x.dim(), "-D");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "int8_vnni_linear: packed must be contiguous uint8");
+  const Shape shape = checked_shape("int8_vnni_linear", x, packed, n, kGroupBytes8);
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == n,
               "int8_vnni_linear: scales must be n contiguous float32");
-  const int64_t M = x.size(0);
-  const int64_t K = x.size(1);
-  TORCH_CHECK(K % kGroup == 0 && n % kTile == 0, "int8_vnni_linear: K must be a multiple of 32 and N of 16");
-  const int64_t groups = K / kGroup;
-  const int64_t tiles = n / kTile;
-  TORCH_CHECK(packed.numel() == tiles * groups * kGroupBytes8, "int8_vnni_linear: packed holds ", packed.numel(),
-              " bytes, expected ", tiles * groups * kGroupBytes8, " for ", n, " x ", K);
-  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
-  if (M == 0) return y;
+  at::Tensor y = at::empty({shape.M, n}, x.options().dtype(at::kFloat));
+  if (shape.M == 0) return y;
   const Activations act = quantize(x);
   const uint8_t* weights = packed.data_ptr<uint8_t>();
   const float* row_scales = scales.data_ptr<float>();
-  float* y_ptr = y.data_ptr<float>();
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* tile = weights + t * groups * kGroupBytes8;
-      for (int64_t m = 0; m < M; m += kRowsAtOnce) {
-        const int64_t rows = std::min(kRowsAtOnce, M - m);
-        const int8_t* a_rows = act.a + m * K;
-        const float* s_rows = act.scale + m * groups;
-        float* y_rows = y_ptr + m * n + t * kTile;
-        const float* w_scales = row_scales + t * kTile;
-        switch (rows) {
-          case 8: tile_dot8<8>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
-          case 7: tile_dot8<7>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
-          case 6: tile_dot8<6>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
-          case 5: tile_dot8<5>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
-          case 4: tile_dot8<4>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
-          case 3: tile_dot8<3>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
-          case 2: tile_dot8<2>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
-          default: tile_dot8<1>(tile, groups, a_rows, K, s_rows, w_scales, y_rows, n); break;
-        }
-      }
-    }
+  float* out = y.data_ptr<float>();
+  const int64_t K = shape.K, groups = shape.groups;
+  for_each_tile(shape, [&](auto rows, int64_t t, int64_t m) {
+    tile_dot8<decltype(rows)::value>(weights + t * groups * kGroupBytes8, groups, act.a + m * K, K,
+                                     act.scale + m * groups, row_scales + t * kTile, out + m * n + t * kTile, n);
   });
   return y;
 }
