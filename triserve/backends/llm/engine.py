@@ -65,8 +65,8 @@ class EngineConfig:
     # the output head: none (as stored or as `quantization` says) | int4 (re-quantized into groups
     # of 32: the head is the largest single matrix, and int4's kernel reads it fastest)
     head_quantization: str = "none"
-    # what multiplies int4 weights (quantization int4, a GGUF's Q4 blocks): auto | vnni | torch
-    # (quantization.CPU_KERNELS)
+    # what multiplies quantized weights (quantization int4/int8, a GGUF's quantized blocks):
+    # auto | vnni (triserve's kernels) | torch (torch's weight-only kernels); quantization.CPU_KERNELS
     cpu_kernels: str = "auto"
     # prompt tokens prefilled per step: a longer prompt (or a burst of them) is prefilled in
     # chunks over several steps, so the running sequences' next token waits for one bounded chunk
