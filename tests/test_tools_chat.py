@@ -180,3 +180,35 @@ def test_ctrl_c_stops_a_reply_midway_and_the_server_stops_generating(chat_server
     assert llm_metrics(chat_server)["triserve_llm_generation_tokens_total"] == stopped
     assert 0 < stopped - before["triserve_llm_generation_tokens_total"] < 1500
     leave(child)
+
+
+def test_embedded_server_starts_again_when_a_port_is_taken_meanwhile(tmp_path, monkeypatch):
+    """The embedded server's ports are chosen free and bound seconds later; when another process
+    takes one meanwhile (here: held by this test), the server is started again on other ports."""
+    import io
+    import shutil
+    import socket
+
+    from rich.console import Console
+
+    from triserve.tools import embedded
+
+    repository = tmp_path / "repository"
+    shutil.copytree(TEST_REPOSITORY / "chat_echo", repository / "chat_echo")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real = embedded._free_port
+    monkeypatch.setattr(embedded, "_free_port", lambda: next(ports, None) or real())
+    shown = io.StringIO()
+    try:
+        with embedded.EmbeddedServer(repository, Console(file=shown)) as server:
+            assert server.http_port != taken.getsockname()[1]
+            assert server.process is not None and server.process.poll() is None
+            pid = server.process.pid
+        assert "a port was taken by another process meanwhile" in shown.getvalue()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # stopped
+    finally:
+        taken.close()

@@ -26,19 +26,41 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# the ports are chosen free, then bound by the server seconds later: on a busy machine another
+# process may take one meanwhile, and the server is started again on others
+PORT_ATTEMPTS = 3
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
 class EmbeddedServer:
     def __init__(self, repository: Path, console: Console):
         self.repository = repository
         self.console = console
         self.http_port = _free_port()
         self.process: subprocess.Popen | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="triserve-chat-", suffix=".log", delete=False)
+        self._log = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> "EmbeddedServer":
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                return self._start_once()
+            except _PortTaken as taken:
+                if attempt == PORT_ATTEMPTS:
+                    raise RuntimeError(str(taken)) from None
+                self.console.print("[dim]a port was taken by another process meanwhile; starting again on "
+                                   "other ports[/dim]")
+                self.http_port = _free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> "EmbeddedServer":
+        self._log = tempfile.NamedTemporaryFile(prefix="triserve-chat-", suffix=".log", delete=False)
         command = [sys.executable, "-m", "triserve", "serve", "--model-repository", str(self.repository),
                    "--host", "127.0.0.1", "--http-port", str(self.http_port),
                    "--grpc-port", str(_free_port()), "--metrics-port", str(_free_port()),
@@ -68,7 +90,8 @@ class EmbeddedServer:
                 if self.process.poll() is not None:
                     status, tail = self.process.returncode, self.log_tail()
                     self.stop()
-                    raise RuntimeError(f"triserve exited with status {status}:\n{tail}")
+                    error = _PortTaken if "Address already in use" in tail else RuntimeError
+                    raise error(f"triserve exited with status {status}:\n{tail}")
                 try:
                     if client.get(f"{self.url}/v2/health/ready").status_code == 200:
                         return
@@ -91,8 +114,10 @@ class EmbeddedServer:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
-        self._log.close()
-        os.unlink(self._log.name)
+        if self._log is not None:
+            self._log.close()
+            os.unlink(self._log.name)
+            self._log = None
 
     def __enter__(self) -> "EmbeddedServer":
         return self.start()
