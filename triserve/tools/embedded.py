@@ -48,16 +48,14 @@ class EmbeddedServer:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> "EmbeddedServer":
-        for attempt in range(1, PORT_ATTEMPTS + 1):
+        for _ in range(PORT_ATTEMPTS - 1):
             try:
                 return self._start_once()
-            except _PortTaken as taken:
-                if attempt == PORT_ATTEMPTS:
-                    raise RuntimeError(str(taken)) from None
+            except _PortTaken:
                 self.console.print("[dim]a port was taken by another process meanwhile; starting again on "
                                    "other ports[/dim]")
                 self.http_port = _free_port()
-        raise AssertionError("unreachable")
+        return self._start_once()  # a port taken again is the RuntimeError it is
 
     def _start_once(self) -> "EmbeddedServer":
         self._log = tempfile.NamedTemporaryFile(prefix="triserve-chat-", suffix=".log", delete=False)

@@ -35,6 +35,7 @@ QUANTIZATIONS = ("none", "int8", "int4")
 # where it runs, else torch)
 CPU_KERNELS = ("auto", "vnni", "torch")
 GROUP = 32  # int4 group size along the input dimension (GGUF's block size)
+TILE = 16  # output rows per tile of the int4 kernels (torch's and triserve's) and triserve's int8 kernel
 COMPUTE_DTYPE = torch.bfloat16  # what the weight-only kernels compute in
 
 
@@ -100,7 +101,7 @@ Weight = DenseWeight | Int8Weight | Int4Weight
 def int4_fits(shape: tuple[int, int]) -> bool:
     """The int4 kernels need whole groups along the input and 16-row tiles along the output."""
     out, inputs = shape
-    return inputs % GROUP == 0 and out % 16 == 0
+    return inputs % GROUP == 0 and out % TILE == 0
 
 
 vnni_fits = int4_fits  # triserve's int8 kernel has the int4 kernels' tiles and groups
@@ -159,13 +160,11 @@ class Int8Linear:
     """Int8 with one scale per output channel. ``kernel`` "torch": weight-only, computed in
     bfloat16 (``weight`` is then the plain [out, in] table: an embedding or a rescored head reads
     its rows); "vnni": the activations are quantized to int8 per block of 32 and multiplied by the
-    weights in integer dot products (1.7x torch's kernel at one row and one thread, 4x at 16 rows;
-    bench/llm/NOTES.md), the weight repacked for it."""
+    weights in integer dot products (1.7-1.8x torch's kernel at one row, 3x at 16 rows;
+    bench/llm/NOTES.md, "Fourth pass"), the weight repacked for it."""
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str = "torch"):
-        if kernel not in ("vnni", "torch"):
-            raise ValueError(f"unknown int8 kernel '{kernel}'; expected vnni or torch")
-        self.kernel = kernel if vnni_fits(weight.shape) else "torch"
+        self.kernel = _checked_kernel(kernel) if vnni_fits(weight.shape) else "torch"
         self.out_features = weight.shape[0]
         if self.kernel == "vnni":
             from triserve.backends.llm import kernels
@@ -185,22 +184,17 @@ class Int8Linear:
             y = torch.ops.triserve.int8_vnni_linear(flat, self.weight, self.scales, self.out_features)
         else:
             y = torch._weight_int8pack_mm(flat.to(COMPUTE_DTYPE), self.weight, self.scales)
-        y = y.to(self.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return _output(y, x, self.dtype, self.bias)
 
 
 class Int4Linear:
     """Int4 in groups of 32 inputs (scale and zero per group). ``kernel`` "torch": weight-only,
     computed in bfloat16; "vnni" (a resolved :data:`CPU_KERNELS` choice): the activations are
-    quantized to int8 per block of 32 and meet the nibbles in integer dot products (2.5x torch's
-    kernel at one row and one thread, 3-4x at 16 rows and in prefill; bench/llm/NOTES.md)."""
+    quantized to int8 per block of 32 and meet the nibbles in integer dot products (1.4-1.5x torch's
+    kernel at one row, 3x at 16 rows, 3.6x in prefill; bench/llm/NOTES.md, "Fourth pass")."""
 
     def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str = "torch"):
-        if kernel not in ("vnni", "torch"):
-            raise ValueError(f"unknown int4 kernel '{kernel}'; expected vnni or torch")
-        self.kernel = kernel
+        self.kernel = _checked_kernel(kernel)
         self.out_features = weight.shape[0]
         if kernel == "vnni":
             from triserve.backends.llm import kernels
@@ -224,10 +218,22 @@ class Int4Linear:
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(COMPUTE_DTYPE), self.weight, GROUP,
                                                            self.scales_and_zeros)
-        y = y.to(self.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return _output(y, x, self.dtype, self.bias)
+
+
+def _checked_kernel(kernel: str) -> str:
+    """A quantized linear's kernel, as :func:`resolve_cpu_kernels` resolves it."""
+    if kernel not in ("vnni", "torch"):
+        raise ValueError(f"unknown kernel '{kernel}' for a quantized linear; expected vnni or torch")
+    return kernel
+
+
+def _output(y: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    """A quantized kernel's [rows, out] result as the engine's dtype, biased, in ``x``'s leading shape."""
+    y = y.to(dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 Linear = DenseLinear | Int8Linear | Int4Linear

@@ -4,13 +4,14 @@ torch ships no quantized CPU kernel that multiplies without first widening every
 (``_weight_int4pack_mm_for_cpu`` unpacks each nibble to bfloat16, ``_weight_int8pack_mm``
 each byte), which at one row and one thread, not the memory, sets the decode step's speed.
 ``vnni.cpp`` does what llama.cpp does on x86: activations quantized to int8 in blocks of
-32, the weights multiplied by them as stored with VPDPBUSD. It is compiled on first use with torch's C++ extension builder
-(gcc and ninja, ~10-20 s; ``scripts/install.sh`` does it at install) into
+32, the weights multiplied by them as stored with VPDPBUSD. It is compiled with torch's C++
+extension builder (gcc and ninja, ~10-20 s; ``scripts/install.sh`` does it, else the first
+load of a quantized model) into
 ``~/.cache/triserve/kernels/<torch version>-<python>/`` (a new torch builds it anew: a build
 against other torch headers is never loaded; ``TRISERVE_CACHE_DIR`` moves it), and registered as the
 operators ``torch.ops.triserve.int4_vnni_linear`` and ``int8_vnni_linear``, which
-``torch.compile`` calls like any other. :func:`load` says why when it cannot be used (no AVX-512 VNNI, no compiler), and
-the engine then keeps torch's kernel.
+``torch.compile`` calls like any other. :func:`load` says why when they cannot be used (no
+AVX-512 VNNI, no compiler), and the engine then keeps torch's kernels.
 """
 
 from __future__ import annotations
@@ -22,12 +23,10 @@ from pathlib import Path
 
 import torch
 
+from triserve.backends.llm.quantization import GROUP, TILE
 from triserve.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("vnni.cpp")
-GROUP = 32  # inputs per group (one scale and one min each)
-TILE = 16  # output rows per tile
-GROUP_BYTES = 256 + 2 * 2 * TILE  # int4: nibbles, float16 scales, float16 mins
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
 
