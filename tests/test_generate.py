@@ -122,7 +122,7 @@ def test_client_leaving_a_unary_generate_cancels_the_generation(chat_server):
     try:
         connection.request("POST", f"/v2/models/{CHAT_MODEL}/generate",
                            json.dumps({"prompt": "Write a very long story about a dragon.",
-                                       "max_new_tokens": 1500}),
+                                       "max_new_tokens": 1500, "ignore_eos": True}),
                            {"Content-Type": "application/json"})
         deadline = time.monotonic() + 30
         while llm_metrics(chat_server)["triserve_llm_generation_tokens_total"] == before[0]:
@@ -137,7 +137,7 @@ def test_client_leaving_a_unary_generate_cancels_the_generation(chat_server):
 def test_client_leaving_a_generate_stream_cancels_the_generation(chat_server):
     before = generation_counters(chat_server)
     with requests.post(f"{chat_server.base_url}/v2/models/{CHAT_MODEL}/generate_stream", stream=True,
-                       json={"prompt": "Write a very long story about a dragon.", "max_new_tokens": 1500},
+                       json={"prompt": "Write a very long story about a dragon.", "max_new_tokens": 1500, "ignore_eos": True},
                        timeout=30) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line).startswith(b"data: ")

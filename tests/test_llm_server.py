@@ -204,7 +204,7 @@ def assert_generation_stopped(chat_server, before: tuple[float, float], requeste
 
 def test_cancelling_a_stream_stops_the_generation(client, chat_server):
     before = generation_counters(chat_server)
-    responses = stream(client, chat_inputs("Write a long story about a dragon.", max_new_tokens="1900",
+    responses = stream(client, chat_inputs("Write a long story about a dragon.", max_new_tokens="1900", ignore_eos="true",
                                            stream="true"), cancel_after=3)
     assert len(responses) == 3
     assert_generation_stopped(chat_server, before, 1900)

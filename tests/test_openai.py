@@ -242,18 +242,31 @@ def test_server_keeps_serving_after_errors_and_a_dropped_stream(http, client):
 LONG_STORY = [{"role": "user", "content": "Write a very long story about a dragon."}]
 
 
+def test_ignore_eos_runs_the_reply_to_max_tokens(client):
+    """A short answer ends at the end-of-turn token; with vLLM's `ignore_eos` it runs to max_tokens."""
+    short = greedy(client, HELLO, max_tokens=300)
+    assert short.choices[0].finish_reason == "stop"
+    assert short.usage.completion_tokens < 300
+    full = greedy(client, HELLO, max_tokens=300, extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 300
+    assert full.choices[0].message.content.startswith(short.choices[0].message.content)
+
+
 def test_client_timeout_stops_the_generation(base_url, chat_server):
     """The openai client gives up (its timeout): the server stops generating for it."""
     before = generation_counters(chat_server)
     with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=3) as impatient:
-        with pytest.raises(openai.APITimeoutError):
-            impatient.chat.completions.create(model=MODEL, messages=LONG_STORY, max_tokens=1800)
+        with pytest.raises(openai.APITimeoutError):  # 1800 tokens take far longer than 3 s
+            impatient.chat.completions.create(model=MODEL, messages=LONG_STORY, max_tokens=1800,
+                                              extra_body={"ignore_eos": True})
     assert_generation_stopped(chat_server, before, 1800)
 
 
 def test_closing_a_stream_stops_the_generation(client, chat_server):
     before = generation_counters(chat_server)
-    chunks = client.chat.completions.create(model=MODEL, messages=LONG_STORY, max_tokens=1800, stream=True)
+    chunks = client.chat.completions.create(model=MODEL, messages=LONG_STORY, max_tokens=1800, stream=True,
+                                            extra_body={"ignore_eos": True})
     for _, _chunk in zip(range(3), chunks):
         pass
     chunks.close()  # the client goes away mid-stream

@@ -37,6 +37,7 @@ PRESENCE_PENALTY = "presence_penalty"
 FREQUENCY_PENALTY = "frequency_penalty"
 LOGPROBS = "logprobs"  # true: the `logprobs` output carries each generated token's logprob
 TOP_LOGPROBS = "top_logprobs"  # alternatives per token in the `logprobs` output (0..20)
+IGNORE_EOS = "ignore_eos"  # true: the reply runs to its token budget past the end-of-turn token (vLLM's, llama.cpp's)
 
 # outputs
 RESPONSE = "response"
@@ -49,7 +50,7 @@ CHAT_INPUTS: tuple[str, ...] = (
     PROMPT, HISTORY, SYSTEM, TEMPERATURE, MAX_TOKEN, HISTORY_LEN,
     MAX_NEW_TOKENS, TOP_P, TOP_K, REPETITION_PENALTY, SEED, STOP, STREAM, RAW,
     MESSAGES, TOOLS, TOOL_CHOICE, PARALLEL_TOOL_CALLS, JSON_SCHEMA, GRAMMAR,
-    MIN_P, PRESENCE_PENALTY, FREQUENCY_PENALTY, LOGPROBS, TOP_LOGPROBS,
+    MIN_P, PRESENCE_PENALTY, FREQUENCY_PENALTY, LOGPROBS, TOP_LOGPROBS, IGNORE_EOS,
 )
 REQUIRED_INPUTS: frozenset[str] = frozenset()
 CHAT_OUTPUTS: tuple[str, ...] = (RESPONSE, HISTORY, TOOL_CALLS, LOGPROBS)

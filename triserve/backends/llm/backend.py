@@ -227,7 +227,7 @@ class LLMBackend(Backend):
             presence_penalty=chat.presence_penalty,
             frequency_penalty=chat.frequency_penalty,
             seed=chat.seed,
-            stop_token_ids=self._stop_token_ids,
+            stop_token_ids=frozenset() if chat.ignore_eos else self._stop_token_ids,
             logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
             guide=guide,
         )

@@ -23,7 +23,7 @@ from jinja2 import TemplateError
 
 from triserve.backends.llm import tools as tool_format
 from triserve.core.chat_contract import (
-    CHAT_INPUTS, FREQUENCY_PENALTY, GRAMMAR, HISTORY, JSON_SCHEMA, LOGPROBS, MESSAGES, MIN_P,
+    CHAT_INPUTS, FREQUENCY_PENALTY, GRAMMAR, HISTORY, IGNORE_EOS, JSON_SCHEMA, LOGPROBS, MESSAGES, MIN_P,
     PARALLEL_TOOL_CALLS, PRESENCE_PENALTY, PROMPT, STOP, TOOL_CHOICE, TOOLS, TOP_LOGPROBS,
 )
 from triserve.core.errors import InferError
@@ -71,6 +71,7 @@ class ChatRequest:
     grammar: str | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    ignore_eos: bool = False  # generate to the token budget: the end-of-turn tokens do not end the reply
 
     def resolved(self, *defaults: Mapping[str, Any]) -> "ChatRequest":
         """This request with every unset sampling value taken from the first of ``defaults``
@@ -204,6 +205,7 @@ def parse_chat_inputs(inputs: Mapping[str, np.ndarray]) -> ChatRequest:
         grammar=text(GRAMMAR),
         logprobs=scalars.get(LOGPROBS) is not None and _boolean(LOGPROBS, scalars[LOGPROBS]),
         top_logprobs=number(TOP_LOGPROBS, int, None),
+        ignore_eos=scalars.get(IGNORE_EOS) is not None and _boolean(IGNORE_EOS, scalars[IGNORE_EOS]),
     )
     _check(chat)
     return chat

@@ -222,6 +222,7 @@ class SamplingRequest(Strict):
     top_k: int | None = Field(default=None, ge=0)  # beyond OpenAI, as vLLM
     min_p: float | None = Field(default=None, ge=0, le=1)  # beyond OpenAI, as vLLM
     repetition_penalty: float | None = Field(default=None, gt=0)  # beyond OpenAI, as vLLM
+    ignore_eos: bool = False  # beyond OpenAI, as vLLM and llama.cpp: generate to max_tokens past the turn's end
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=0, lt=2**63)

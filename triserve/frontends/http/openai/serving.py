@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from triserve.core.chat_contract import (
-    LOGPROBS, MAX_NEW_TOKENS, MIN_P, RESPONSE, TOOL_CALLS, FREQUENCY_PENALTY, PRESENCE_PENALTY,
+    IGNORE_EOS, LOGPROBS, MAX_NEW_TOKENS, MIN_P, RESPONSE, TOOL_CALLS, FREQUENCY_PENALTY, PRESENCE_PENALTY,
     REPETITION_PENALTY, SEED, STOP, STREAM, TEMPERATURE, TOP_K, TOP_P, is_chat_model,
 )
 from triserve.core.errors import ErrorCode, InferError
@@ -100,6 +100,8 @@ class ChatInputs:
         """The sampling fields both endpoints share (unset ones are left to the model's defaults)."""
         self.add_scalar(MAX_NEW_TOKENS, max_tokens, "max_tokens")
         self.add_scalar(SEED, body.seed, "seed")
+        if body.ignore_eos:
+            self.add(IGNORE_EOS, ["true"], "ignore_eos")
         for input_name, value in ((TEMPERATURE, body.temperature), (TOP_P, body.top_p), (TOP_K, body.top_k),
                                   (MIN_P, body.min_p), (REPETITION_PENALTY, body.repetition_penalty),
                                   (PRESENCE_PENALTY, body.presence_penalty),
