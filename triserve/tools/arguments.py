@@ -78,6 +78,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     inputs.add_argument("--history-len", default="10", help="the seed's history_len (default: 10)")
     inputs.add_argument("--max-tokens", type=_positive, metavar="N",
                         help="cap each reply at N new tokens (chat models: max_new_tokens; OpenAI: max_tokens)")
+    inputs.add_argument("--ignore-eos", action="store_true",
+                        help="every reply runs to --max-tokens past the model's end of turn (vLLM's and "
+                             "llama.cpp's ignore_eos), so that each request generates the same number of tokens")
     out = parser.add_argument_group("output")
     out.add_argument("--report", type=Path, metavar="FILE.json", help="write every figure as JSON")
     out.add_argument("--plots", type=Path, metavar="DIR",

@@ -545,13 +545,19 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     else:
         entries = [bench_inputs.seed_entry(args.prompt, args.temperature, args.max_token, args.history_len)]
     url = args.url or DEFAULT_URLS[args.protocol]
+    if args.ignore_eos and not args.max_tokens:
+        raise BenchError("--ignore-eos needs --max-tokens: without it every reply runs to the context's end")
     if args.protocol == "openai":
         sampling = {"max_tokens": args.max_tokens} if args.max_tokens else {}
+        if args.ignore_eos:
+            sampling["ignore_eos"] = True
         target: Target = OpenAITarget(url, args.model, args.api_key, args.stream, sampling, args.timeout)
     else:
         if not args.model:
             raise BenchError(f"--protocol {args.protocol} needs --model")
         extra = {"max_new_tokens": [str(args.max_tokens)]} if args.max_tokens else {}
+        if args.ignore_eos:
+            extra["ignore_eos"] = ["true"]
         target = KServeTarget(args.protocol, url, args.model, args.api_key, args.stream, extra, args.timeout)
     await target.open()
     report: dict[str, Any] = {
