@@ -17,6 +17,7 @@ in this process, so its CPU is not counted on either side.
     python -m bench.request_cpu                      # triserve, every cell
     python -m bench.request_cpu --triton             # the real Triton, for reference
     python -m bench.request_cpu --models chat_echo --protocols grpc --concurrency 16 --requests 2000
+    python -m bench.request_cpu --protocols grpc --server-args '--grpc-server grpcio' --label grpcio
 """
 
 from __future__ import annotations
@@ -155,12 +156,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=200, help="requests before each measured load")
     ap.add_argument("--repository", type=Path, default=ANCHORS / "model_repository")
     ap.add_argument("--label", default="", help="name of this run in the table (default: the server)")
+    ap.add_argument("--server-args", default="", metavar="'ARGS'",
+                    help="more arguments for triserve serve, e.g. '--grpc-server grpcio'")
     args = ap.parse_args()
 
     out_dir = results_dir("request_cpu")
     name = args.label or ("triton" if args.triton else "triserve")
     server = (TritonServer(args.repository, out_dir) if args.triton
-              else triserve_server(args.repository, out_dir, name=name))
+              else triserve_server(args.repository, out_dir, name=name, extra_args=tuple(args.server_args.split())))
     server.start()
     try:
         load_avg = psutil.getloadavg()

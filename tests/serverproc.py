@@ -7,6 +7,7 @@ serve`` process on 127.0.0.1 with free ports, stopped by its PID.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import ssl
@@ -18,10 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+# Ports for servers come from below Linux's ephemeral range (32768-60999, where every outgoing
+# connection takes its local port, so a port free a moment ago can be taken by a client by the
+# time the server binds it) and above Ray's worker ports (10002-19999).
+_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, outside the ranges the kernel and Ray hand out by themselves."""
+    while True:
+        port = random.choice(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @dataclass

@@ -77,6 +77,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
+    grpc_server: str = "native"  # "native": triserve's own HTTP/2 (frontends/grpc/h2.py) | "grpcio": grpc.aio
     metrics_port: int = 8002
     model_control_mode: str = "none"  # "none" | "explicit"
     load_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*" = all)

@@ -1,4 +1,4 @@
-"""One triserve process: the core, HTTP (uvicorn), gRPC (grpc.aio) and /metrics in one event loop.
+"""One triserve process: the core, HTTP (uvicorn), gRPC (triserve's own HTTP/2, or grpc.aio) and /metrics in one event loop.
 
 The endpoints listen before any model loads, so clients can watch
 ``/v2/health/ready`` (false until the startup models were loaded).
@@ -30,7 +30,7 @@ from triserve.core.api import Core
 from triserve.core.backend import Lifecycle
 from triserve.core.server import InferenceServer
 from triserve.frontends.auth import Gate
-from triserve.frontends.grpc.service import create_grpc_server
+from triserve.frontends.grpc.service import create_grpc_server, create_native_grpc_server
 from triserve.frontends.http.app import create_app
 from triserve.frontends.http.auth import AuthMiddleware
 from triserve.frontends.http.protocol import bounded_protocol
@@ -131,11 +131,15 @@ class Frontends:
         # Bound up front, so a taken port is one clear error before any model loads.
         self._http_listener = _listen(options.host, options.http_port, "HTTP")
         self._metrics_listener = _listen(options.host, options.metrics_port, "metrics")
-        try:
-            self._grpc = create_grpc_server(core, self.grpc_address, options.limits, options.access,
-                                            options.tls)
-        except RuntimeError as exc:  # grpc.aio raises RuntimeError when it cannot bind
-            raise StartupError(f"cannot listen for gRPC on {self.grpc_address}: {exc}") from None
+        if options.grpc_server == "native":
+            self._grpc = create_native_grpc_server(core, _listen(options.host, options.grpc_port, "gRPC"),
+                                                   options.limits, options.access, options.tls)
+        else:
+            try:
+                self._grpc = create_grpc_server(core, self.grpc_address, options.limits, options.access,
+                                                options.tls)
+            except RuntimeError as exc:  # grpc.aio raises RuntimeError when it cannot bind
+                raise StartupError(f"cannot listen for gRPC on {self.grpc_address}: {exc}") from None
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -175,9 +179,10 @@ async def serve(options: ServerOptions) -> None:
         loop.add_signal_handler(sig, on_signal)
 
     await frontends.start()
-    logger.info("triserve %s: HTTP%s on %s:%d, gRPC on %s, metrics on %s:%d/metrics; "
+    logger.info("triserve %s: HTTP%s on %s:%d, gRPC (%s) on %s, metrics on %s:%d/metrics; "
                 "model repository %s; %s", triserve.__version__, "S" if options.tls.enabled else "",
-                options.host, options.http_port, frontends.grpc_address, options.host, options.metrics_port,
+                options.host, options.http_port, options.grpc_server, frontends.grpc_address, options.host,
+                options.metrics_port,
                 options.model_repository, _access_summary(options))
 
     def stop_if_loading_failed(task: asyncio.Task) -> None:

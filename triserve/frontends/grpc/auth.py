@@ -19,7 +19,7 @@ _SERVICE = "/inference.GRPCInferenceService/"
 _HEALTH_METHODS = frozenset({_SERVICE + "ServerLive", _SERVICE + "ServerReady",
                              "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 _CONTROL_METHODS = frozenset({_SERVICE + "RepositoryModelLoad", _SERVICE + "RepositoryModelUnload"})
-_STATUS = {Refusal.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+REFUSAL_STATUS = {Refusal.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
            Refusal.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED}
 
 
@@ -69,4 +69,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if denied is None or handler is None:
             return handler
-        return _refusing(handler, _STATUS[denied.refusal], denied.message)
+        return _refusing(handler, REFUSAL_STATUS[denied.refusal], denied.message)

@@ -13,6 +13,8 @@ import collections
 import contextlib
 import functools
 import logging
+import socket
+import ssl
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -26,6 +28,7 @@ from triserve.frontends import kserve_proto
 from triserve.frontends.auth import Gate
 from triserve.frontends.faults import report_bug
 from triserve.frontends.grpc.auth import AuthInterceptor
+from triserve.frontends.grpc.h2 import GrpcServer
 from triserve.options import Access, Limits, Tls
 
 if TYPE_CHECKING:
@@ -69,9 +72,28 @@ Context = grpc.aio.ServicerContext
 Handler = Callable[[Any, Any, Context], Awaitable[Any]]
 
 
+def create_native_grpc_server(core: Core, listener: socket.socket, limits: Limits = Limits(),
+                              access: Access = Access(), tls: Tls = Tls()) -> GrpcServer:
+    """triserve's own gRPC server (:mod:`triserve.frontends.grpc.h2`) on a bound ``listener``,
+    not started yet, serving the same servicers with the same API-key rule and TLS."""
+    servicer, health = InferenceServicer(core, limits), HealthServicer(core)
+    context = None
+    if tls.enabled:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls.cert, tls.key)
+        context.set_alpn_protocols(["h2"])
+        if tls.client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=tls.client_ca)
+    return GrpcServer(listener, [
+        functools.partial(service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, servicer),
+        functools.partial(health_pb2_grpc.add_HealthServicer_to_server, health),
+    ], limits.grpc_max_message, Gate(access), context)
+
+
 def create_grpc_server(core: Core, address: str, limits: Limits = Limits(),
                        access: Access = Access(), tls: Tls = Tls()) -> grpc.aio.Server:
-    """A gRPC server bound to ``address`` ("host:port"), not started yet.
+    """A grpc.aio server bound to ``address`` ("host:port"), not started yet (``--grpc-server grpcio``).
 
     With an API key every call goes through :class:`AuthInterceptor`; with TLS files the
     port speaks TLS only (and requires client certificates when a client CA is given).
