@@ -172,6 +172,47 @@ def test_cancelled_unary_grpc_infer_is_cancelled_in_the_model(grpc_client, http_
     assert cancelled_so_far(http_client) == before + 1
 
 
+def cancellable_statistics(http_client) -> tuple[int, int, int]:
+    stats = http_client.get_inference_statistics("cancellable")["model_stats"][0]
+    inference = stats["inference_stats"]
+    return stats["inference_count"], int(inference["queue"]["ns"]), int(inference["compute_infer"]["ns"])
+
+
+def test_a_request_sent_behind_a_running_one_counts_its_wait_as_queue_time(http_client, tmp_path):
+    # One instance, no batching: the second request is sent to the instance process while the
+    # first runs (so the process never waits for the server between the two), and only starts
+    # after it: its 0.5 s of waiting is queue time, as in Triton, not compute time.
+    count, queue_ns, compute_ns = cancellable_statistics(http_client)
+    pending = [http_client.async_infer("cancellable", [bytes_input(httpclient, "INPUT0", [f"0.5 {tmp_path / n}"])])
+               for n in ("first", "second")]
+    assert [p.get_result().as_numpy("OUTPUT0")[0] for p in pending] == [b"not cancelled"] * 2
+    count_after, queue_after, compute_after = cancellable_statistics(http_client)
+    assert count_after == count + 2
+    compute_s, queue_s = (compute_after - compute_ns) / 1e9, (queue_after - queue_ns) / 1e9
+    assert 0.95 <= compute_s < 1.3, f"two 0.5 s executes counted as {compute_s:.2f} s of compute"
+    assert queue_s >= 0.4, f"the second request's wait counted as {queue_s:.2f} s of queue"
+
+
+def test_a_request_cancelled_while_it_waits_behind_another_never_reaches_the_model(
+        grpc_client, http_client, tmp_path):
+    before = cancelled_so_far(http_client)
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    grpc_client.async_infer("cancellable", [bytes_input(grpcclient, "INPUT0", [f"1 {tmp_path / 'first'}"])],
+                            callback=lambda result, error: answers.put(("first", error)))
+    wait_for_file(tmp_path / "first")
+    waiting = grpc_client.async_infer(
+        "cancellable", [bytes_input(grpcclient, "INPUT0", [f"60 {tmp_path / 'second'}"])],
+        callback=lambda result, error: answers.put(("second", error)))
+    time.sleep(0.2)  # queued behind the first, which still runs
+    waiting.cancel()
+    results = dict(answers.get(timeout=30) for _ in range(2))
+    assert results["first"] is None and "CANCELLED" in str(results["second"])
+    # the model finished the first and never saw the second (it would have created its file and
+    # counted it cancelled, or waited 60 s)
+    assert cancelled_so_far(http_client) == before
+    assert not (tmp_path / "second").exists()
+
+
 def test_async_execute(http_client):
     result = http_client.infer("async_model", [fp32_input(httpclient, [1.5, -2.0])])
     assert result.as_numpy("OUTPUT0").tolist() == [3.0, -4.0]

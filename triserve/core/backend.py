@@ -98,7 +98,7 @@ class Job:
     """
 
     __slots__ = ("request", "_sink", "_loop", "_cancelled", "_cancel_callbacks", "done",
-                 "enqueue_ns", "start_ns", "_flow")
+                 "enqueue_ns", "start_ns", "deadline_ns", "_flow")
 
     def __init__(self, request: InferRequest, sink: Callable[[InferResponse], None],
                  loop: asyncio.AbstractEventLoop):
@@ -109,7 +109,12 @@ class Job:
         self._cancel_callbacks: list[Callable[[], None]] = []
         self.done = False
         self.enqueue_ns = time.monotonic_ns()
+        # set when the scheduler hands the batch to the backend; a backend that holds it before it
+        # really starts (a process running the batch before) moves it later, before ending the batch:
+        # the statistics count the time until then as queue time, not compute
         self.start_ns = 0
+        # the end of its queue timeout (0: none); a backend holding it before it starts refuses it past this
+        self.deadline_ns = 0
         self._flow: Callable[[bool], None] | None = None
 
     def send(self, response: InferResponse) -> None:

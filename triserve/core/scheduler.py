@@ -52,6 +52,7 @@ from triserve.core.statistics import ModelStatistics
 
 
 TIMEOUT_EXPIRED = "Request timeout expired"  # Triton's text, UNAVAILABLE
+CANCELLED_WHILE_QUEUED = "request was cancelled while queued"  # CANCELLED
 TIMEOUT_PARAMETER = "timeout"  # a request's own timeout, microseconds (Triton's)
 PRIORITY_PARAMETER = "priority"  # a request's priority level (Triton's; 1 is the highest, 0 the default)
 
@@ -132,15 +133,15 @@ class Scheduler:
             if refusal is not None:
                 self._statistics.record_failure("REJECTED", 0)
                 raise refusal
+        timeout_ns = self._timeout_ns(job, level)
+        deadline = job.deadline_ns = job.enqueue_ns + timeout_ns if timeout_ns else 0
         if (self._in_flight < self._backend.capacity and not self._queued
                 and (self._delay_ns == 0 or batch_size >= self._target_size)):
-            # Nothing waits before it and nothing to gather: it runs now, never queued, so its
-            # queue timeout cannot expire (as in Triton).
+            # Nothing waits before it and nothing to gather: it goes to the backend now, never
+            # queued here (a backend that holds it behind a running batch keeps its deadline).
             self._in_flight += 1
             self._run([(job, batch_size)])
             return
-        timeout_ns = self._timeout_ns(job, level)
-        deadline = job.enqueue_ns + timeout_ns if timeout_ns else 0
         level.queue.append((job, batch_size, deadline))
         self._queued += 1
         self._queued_size += batch_size
@@ -264,7 +265,7 @@ class Scheduler:
         while self._queued:
             job, size, deadline = self._head()[0]
             if job.cancelled:
-                self._pop().fail(InferError(ErrorCode.CANCELLED, "request was cancelled while queued"))
+                self._pop().fail(InferError(ErrorCode.CANCELLED, CANCELLED_WHILE_QUEUED))
                 continue
             if deadline and deadline <= time.monotonic_ns():  # expired before the sweep saw it
                 level = next(level for level in self._levels if level.head() is not None)
@@ -329,6 +330,7 @@ class Scheduler:
             self._fail_unfinished(
                 jobs, InferError.internal(f"model '{self._name}' failed to execute: {error!r}"))
         end = time.monotonic_ns()
+        start = max(start, jobs[0].start_ns)  # a backend may have started it later than it was handed over
         self._statistics.record_execution(
             sum(size for _, size in batch), [start - job.enqueue_ns for job in jobs], end - start
         )

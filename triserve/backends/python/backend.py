@@ -36,6 +36,22 @@ PROBE_TIMEOUT_S = 60.0
 logger = logging.getLogger("triserve.backends.python")
 
 
+def pipeline_depth(config: model_config_pb2.ModelConfig) -> int:
+    """Batches an instance process may hold at once: 2 (the one it runs, the next sent behind it,
+    so it never waits for the server between two) for a model that takes one request a batch and
+    answers it when execute returns; 1 for the others. A batching model keeps 1, so that requests
+    arriving meanwhile wait in the scheduler and join a larger batch; one with a dynamic_batching
+    block, so that its priority levels and queue policies order every request; a decoupled one, so
+    that one request's held-back stream (core/flow.py) never holds another's responses; a
+    sequence-batched one, so that a sequence's requests run in order on one instance as Triton runs
+    them. A request sent behind a running batch still honours its queue timeout and a cancellation
+    (the process refuses it before its execute, with the scheduler's errors)."""
+    if (config.max_batch_size > 0 or config.model_transaction_policy.decoupled
+            or config.HasField("sequence_batching") or config.HasField("dynamic_batching")):
+        return 1
+    return 2
+
+
 class PythonBackend(Backend):
     """One loaded Python model version: its instance processes and a pool of idle ones."""
 
@@ -83,7 +99,7 @@ class PythonBackend(Backend):
             raise InferError.unavailable(
                 f"{self.context.model_dir.name}/{self.context.version}/{model_filename(config)} not found")
         launch = Launch(python, env, model_file, json.dumps(config_to_json(config)))
-        self._pool = InstancePool(self.context, specs, launch)
+        self._pool = InstancePool(self.context, specs, launch, pipeline_depth(config))
         await self._pool.start()
 
     async def unload(self) -> None:
@@ -92,7 +108,7 @@ class PythonBackend(Backend):
 
     @property
     def capacity(self) -> int:
-        return self._pool.size if self._pool is not None else 1
+        return self._pool.size * self._pool.depth if self._pool is not None else 1
 
     @property
     def healthy(self) -> bool:

@@ -82,8 +82,9 @@ class InstanceProcess:
         self._finalized: asyncio.Future | None = None
         self._jobs: dict[int, Job] = {}
         self._held: set[int] = set()  # jobs whose reader fell behind: the socket is not read
-        # batch id -> (called when it ended, its execute deadline's timer)
-        self._batches: dict[int, tuple[Callable[[], None], asyncio.TimerHandle | None]] = {}
+        # batch id -> [called when it ended, its jobs, its execute deadline's timer], in the order
+        # sent: the process runs them in that order, and only the first one's deadline runs
+        self._batches: dict[int, list] = {}
         self._bls_tasks: set[asyncio.Task] = set()
         self._ids = itertools.count()
         self._alive = False
@@ -152,18 +153,27 @@ class InstanceProcess:
         ids = self._ids
         batch_id = next(ids)
         job_ids = [next(ids) for _ in jobs]
-        self._protocol.send(("execute", batch_id, [request_payload(job_id, job.request)
-                                                   for job_id, job in zip(job_ids, jobs)]))
+        # behind a running batch, a request's queue timeout goes with it: the process refuses it
+        # if the timeout passed before its turn came (run now, it is no longer queued)
+        queued = bool(self._batches)
+        self._protocol.send(("execute", batch_id, [
+            request_payload(job_id, job.request, job.deadline_ns if queued else 0)
+            for job_id, job in zip(job_ids, jobs)]))
         # registered once sent (the reply cannot come before we return to the loop), so a
         # request that cannot be encoded leaves nothing behind
         for job_id, job in zip(job_ids, jobs):
             self._jobs[job_id] = job
             job.add_cancel_callback(functools.partial(self._send_control, ("cancel", job_id)))
             job.set_flow_control(functools.partial(self._hold, job_id))
+        self._batches[batch_id] = [on_done, jobs, None]
+        if len(self._batches) == 1:
+            self._arm_deadline(batch_id)
+
+    def _arm_deadline(self, batch_id: int) -> None:
+        """The execute deadline of the batch the process runs now (one sent behind it waits its turn)."""
         deadline = self.context.lifecycle.execute_timeout
-        timer = (asyncio.get_running_loop().call_later(deadline, self._overran, deadline)
-                 if deadline else None)
-        self._batches[batch_id] = (on_done, timer)
+        if deadline:
+            self._batches[batch_id][2] = asyncio.get_running_loop().call_later(deadline, self._overran, deadline)
 
     async def execute(self, jobs: list[Job]) -> None:
         """:meth:`send_batch`, then wait until the batch ended."""
@@ -172,10 +182,16 @@ class InstanceProcess:
         await self._protocol.writable()
         await done
 
-    def _end_batch(self, batch_id: int) -> None:
-        on_done, timer = self._batches.pop(batch_id)
+    def _end_batch(self, batch_id: int, started_ns: int = 0) -> None:
+        """A batch's execute returned (at ``started_ns`` it had begun, by the process's clock,
+        which is the same CLOCK_MONOTONIC as ours) or the process died."""
+        on_done, jobs, timer = self._batches.pop(batch_id)
         if timer is not None:
             timer.cancel()
+        for job in jobs:  # the time it waited behind the batch before it is queue time, not compute
+            job.start_ns = max(job.start_ns, started_ns)
+        if self._batches and self._alive:
+            self._arm_deadline(next(iter(self._batches)))
         on_done()
 
     def _overran(self, deadline: float) -> None:
@@ -259,7 +275,7 @@ class InstanceProcess:
         if kind == "response":
             self._on_response(*message[1:])
         elif kind == "done":
-            self._end_batch(message[1])
+            self._end_batch(message[1], message[2])
         elif kind == "bls":
             task = asyncio.create_task(self._run_bls(*message[1:]))
             self._bls_tasks.add(task)
@@ -373,9 +389,10 @@ class _Slot:
 class InstancePool:
     """The instances of one model version: idle ones for the next batch, dead ones restarted."""
 
-    def __init__(self, context: ModelContext, specs: list[InstanceSpec], launch: Launch):
+    def __init__(self, context: ModelContext, specs: list[InstanceSpec], launch: Launch, depth: int = 1):
         self.context = context
         self._launch = launch
+        self.depth = depth  # batches one process may hold: the one it runs and those sent behind it
         self._slots = [_Slot(spec) for spec in specs]
         self._idle: collections.deque[InstanceProcess] = collections.deque()
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
@@ -408,7 +425,8 @@ class InstancePool:
             await self.stop()
             raise failure
         for slot in self._slots:
-            self._release(slot.process)
+            for _ in range(self.depth):
+                self._release(slot.process)
 
     async def _start(self, slot: _Slot) -> None:
         process = InstanceProcess(self.context, slot.spec, self._on_death)
@@ -456,10 +474,7 @@ class InstancePool:
         if slot is None or self._stopping:
             return
         self._alive -= 1
-        try:
-            self._idle.remove(process)
-        except ValueError:
-            pass
+        self._idle = collections.deque(p for p in self._idle if p is not process)
         self._schedule_restart(slot, why)
 
     def _schedule_restart(self, slot: _Slot, why: str) -> None:
@@ -494,7 +509,8 @@ class InstancePool:
             return
         self.context.logger.warning("model '%s' instance '%s' restarted (pid %d)",
                                     self.context.name, slot.spec.name, slot.process.pid)
-        self._release(slot.process)
+        for _ in range(self.depth):
+            self._release(slot.process)
 
     def _fail(self, reason: str) -> None:
         self._failure = reason

@@ -21,7 +21,10 @@ import pickle
 import struct
 from typing import Any, Callable
 
-from triserve.backends.python.stub.triserve_wire import pack_array, unpack_array
+from triserve.backends.python.stub.triserve_wire import (
+    CANCELLED_WHILE_QUEUED, QUEUE_TIMEOUT_EXPIRED, pack_array, unpack_array,
+)
+from triserve.core import scheduler
 from triserve.core import datatypes
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.types import InferRequest, InferTensor
@@ -109,13 +112,14 @@ class FrameProtocol(asyncio.Protocol):
         self._transport.close()
 
 
-def request_payload(job_id: int, request: InferRequest) -> tuple:
-    """What the model's pb_utils.InferenceRequest is built from, in the child."""
+def request_payload(job_id: int, request: InferRequest, deadline_ns: int = 0) -> tuple:
+    """What the model's pb_utils.InferenceRequest is built from, in the child; ``deadline_ns``:
+    the end of its queue timeout, which the child checks before it runs the request."""
     parameters = request.parameters
     flags = (1 if parameters.get("sequence_start") else 0) | (2 if parameters.get("sequence_end") else 0)
     return (job_id, request.id, parameters.get("sequence_id", 0), parameters,
             [(tensor.name, pack_array(tensor.data)) for tensor in request.inputs],
-            [output.name for output in request.outputs], flags)
+            [output.name for output in request.outputs], flags, deadline_ns)
 
 
 def output_tensors(outputs: list[tuple[str, Any]]) -> list[InferTensor]:
@@ -128,5 +132,10 @@ def output_tensors(outputs: list[tuple[str, Any]]) -> list[InferTensor]:
 
 
 def to_error(code_name: str, message: str) -> InferError:
-    """An error the child sent as ``(code name, message)``."""
+    """An error the child sent as ``(code name, message)``; a request it refused before its
+    execute gets the core's own error for that."""
+    if code_name == CANCELLED_WHILE_QUEUED:
+        return InferError(ErrorCode.CANCELLED, scheduler.CANCELLED_WHILE_QUEUED)
+    if code_name == QUEUE_TIMEOUT_EXPIRED:
+        return InferError.unavailable(scheduler.TIMEOUT_EXPIRED)
     return InferError(ErrorCode(code_name), message)

@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from types import ModuleType
 from typing import Any, Iterable
@@ -39,7 +40,7 @@ import triton_python_backend_utils as pb_utils
 
 # After pb_utils (which imports numpy itself): numpy imported first, each model process measured 0.8 MB
 # more RSS.
-from triserve_wire import pack_array, unpack_array  # noqa: E402
+from triserve_wire import CANCELLED_WHILE_QUEUED, QUEUE_TIMEOUT_EXPIRED, pack_array, unpack_array  # noqa: E402
 
 _HEADER = struct.Struct("<I")
 _PR_SET_PDEATHSIG = 1
@@ -151,6 +152,8 @@ class Instance:
         self.decoupled = json.loads(args["model_config"]).get(
             "model_transaction_policy", {}).get("decoupled", False)
         self.requests: dict[int, pb_utils.InferenceRequest] = {}
+        self.newest_job = -1  # the highest job id read so far (the server numbers them in order)
+        self.cancelled_early: set[int] = set()  # cancelled before this process read them
         self.requests_lock = threading.Lock()
         self.bls_calls: dict[int, queue.SimpleQueue] = {}
         self.next_bls_id = 0
@@ -177,8 +180,9 @@ class Instance:
         self.connection.send(self.response_message(job_id, response, final))
 
     def response_message(self, job_id: int, response: pb_utils.InferenceResponse | None,
-                         final: bool) -> tuple:
-        outputs, error, parameters = response_payload(response)
+                         final: bool, refusal: tuple[str, str] | None = None) -> tuple:
+        """A response on the wire; ``refusal``: an error (code, message) in place of ``response``."""
+        outputs, error, parameters = response_payload(response) if refusal is None else ([], refusal, {})
         if final:
             with self.requests_lock:
                 self.requests.pop(job_id, None)
@@ -195,23 +199,42 @@ class Instance:
         return failures
 
     def execute(self, batch_id: int, payloads: list[tuple]) -> None:
-        """Run one batch; its returned responses and ``done`` leave in a single write."""
+        """Run one batch; its returned responses and ``done`` (with the time it began) leave in a
+        single write."""
+        started_ns = time.monotonic_ns()
         batch = []
-        for job_id, request_id, correlation_id, parameters, inputs, outputs, flags in payloads:
+        deadlines = {}
+        for job_id, request_id, correlation_id, parameters, inputs, outputs, flags, deadline_ns in payloads:
             request = pb_utils.InferenceRequest(
                 model_name=self.model_name, request_id=request_id, correlation_id=correlation_id,
                 inputs=[pb_utils.Tensor(name, unpack_array(data)) for name, data in inputs],
                 requested_output_names=outputs, flags=flags, parameters=parameters)
             request._job_id = job_id
             batch.append(request)
+            if deadline_ns:
+                deadlines[job_id] = deadline_ns
         with self.requests_lock:
             self.requests.update((request._job_id, request) for request in batch)
-        try:
-            replies = self.answer(batch, self.run(self.model.execute(batch)))
-        except Exception as exc:  # the model's error goes to its clients; the instance lives on
-            self.log("ERROR", f"execute failed:\n{traceback.format_exc()}")
-            replies = self.fail_open_requests(batch, describe(exc))
-        self.connection.send_all([*replies, ("done", batch_id)])
+            self.newest_job = max(self.newest_job, *(request._job_id for request in batch))
+            refused = {}  # what waited here behind another batch and may not run any more
+            for request in batch:
+                job_id = request._job_id
+                if job_id in self.cancelled_early:
+                    self.cancelled_early.discard(job_id)
+                    refused[job_id] = CANCELLED_WHILE_QUEUED
+                elif job_id in deadlines and deadlines[job_id] <= started_ns:
+                    refused[job_id] = QUEUE_TIMEOUT_EXPIRED
+        replies = []
+        if refused:  # as in Triton's queue: it never reaches the model
+            replies = [self.response_message(job_id, None, True, (code, "")) for job_id, code in refused.items()]
+            batch = [request for request in batch if request._job_id not in refused]
+        if batch:
+            try:
+                replies += self.answer(batch, self.run(self.model.execute(batch)))
+            except Exception as exc:  # the model's error goes to its clients; the instance lives on
+                self.log("ERROR", f"execute failed:\n{traceback.format_exc()}")
+                replies += self.fail_open_requests(batch, describe(exc))
+        self.connection.send_all([*replies, ("done", batch_id, started_ns)])
 
     def answer(self, batch: list[pb_utils.InferenceRequest], responses: Any) -> list[tuple]:
         """The response messages for what ``execute`` returned: one response per request, or None."""
@@ -244,6 +267,8 @@ class Instance:
     def cancel(self, job_id: int) -> None:
         with self.requests_lock:
             request = self.requests.get(job_id)
+            if request is None and job_id > self.newest_job:  # not read yet: queued behind a batch
+                self.cancelled_early.add(job_id)
         if request is not None:
             request._cancelled = True
 

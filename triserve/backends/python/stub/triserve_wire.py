@@ -14,6 +14,12 @@ from typing import Any
 import numpy as np
 
 
+# A request the model process refuses before its execute, because it waited there behind
+# another batch (ipc.to_error gives the core's own errors for these codes):
+CANCELLED_WHILE_QUEUED = "cancelled-while-queued"  # its client cancelled it meanwhile
+QUEUE_TIMEOUT_EXPIRED = "queue-timeout-expired"  # its queue timeout passed meanwhile
+
+
 def pack_array(array: np.ndarray) -> Any:
     """A tensor's wire form: an object array as ``(shape, items)``, any other array as it is."""
     if array.dtype.hasobject:
