@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=_port, default=8000, help="HTTP port (default: 8000)")
     serve.add_argument("--grpc-port", type=_port, default=8001, help="gRPC port (default: 8001)")
     serve.add_argument("--grpc-server", choices=["native", "grpcio"], default="native",
-                       help="native (default): triserve's own HTTP/2 gRPC server on the event loop, "
-                            "several times cheaper per call; grpcio: grpc.aio, the reference implementation")
+                       help="native (default): triserve's own HTTP/2 gRPC server on the event loop, about "
+                            "half the server CPU per call; grpcio: grpc.aio, the reference implementation")
     serve.add_argument("--metrics-port", type=_port, default=8002,
                        help="Prometheus /metrics port (default: 8002)")
     serve.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",

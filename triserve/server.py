@@ -1,4 +1,5 @@
-"""One triserve process: the core, HTTP (uvicorn), gRPC (triserve's own HTTP/2, or grpc.aio) and /metrics in one event loop.
+"""One triserve process: the core, HTTP (uvicorn), gRPC (triserve's own HTTP/2, or grpc.aio) and
+/metrics in one event loop.
 
 The endpoints listen before any model loads, so clients can watch
 ``/v2/health/ready`` (false until the startup models were loaded).

@@ -24,8 +24,7 @@ from typing import Any, Callable
 from triserve.backends.python.stub.triserve_wire import (
     CANCELLED_WHILE_QUEUED, QUEUE_TIMEOUT_EXPIRED, pack_array, unpack_array,
 )
-from triserve.core import scheduler
-from triserve.core import datatypes
+from triserve.core import datatypes, scheduler
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.types import InferRequest, InferTensor
 

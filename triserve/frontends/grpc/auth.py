@@ -20,7 +20,7 @@ _HEALTH_METHODS = frozenset({_SERVICE + "ServerLive", _SERVICE + "ServerReady",
                              "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 _CONTROL_METHODS = frozenset({_SERVICE + "RepositoryModelLoad", _SERVICE + "RepositoryModelUnload"})
 REFUSAL_STATUS = {Refusal.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-           Refusal.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED}
+                  Refusal.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED}
 
 
 def call_kind(method: str) -> CallKind:

@@ -612,7 +612,10 @@ class _Connection(asyncio.Protocol):
                 elif size and not flags & END_STREAM:
                     self._write(_frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(size)))
             elif len(call.buffer) > limit + 5:
-                call.take_messages(limit)  # raises: the prefix already says the message is too large
+                # more than one message's worth: the first is too large (take_messages raises), or
+                # a second one follows it
+                call.take_messages(limit)
+                raise Abort(grpc.StatusCode.INTERNAL, "a unary call takes exactly one request message")
         except Abort as abort:
             self._refuse(call, abort)
             return
