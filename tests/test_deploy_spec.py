@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,20 @@ def test_ray_is_imported_only_by_deploy_commands_that_need_it():
             "triserve.cli.build_parser(); assert 'ray' not in sys.modules, 'ray was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_record_of_a_dead_triserve_cluster_is_forgotten(tmp_path):
+    # triserve records the local Ray cluster it started (token auth on); once no cluster answers
+    # (a reboot, `ray stop`) the record must go, or a cluster started later at its port would be
+    # taken for triserve's own. TMPDIR isolates Ray's records from the machine's.
+    (tmp_path / "ray").mkdir()
+    record = tmp_path / "ray" / "triserve_cluster"
+    record.write_text("127.0.0.1:1")  # nothing listens on port 1
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+    code = ("from triserve.deploy import cluster\n"
+            "try:\n    cluster.connect(start=False)\n"
+            "except cluster.DeployError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert "no local Ray cluster is running" in result.stdout, result.stderr
+    assert not record.exists()

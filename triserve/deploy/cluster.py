@@ -109,6 +109,9 @@ def connect(endpoint: str | None = None, start: bool = True) -> None:
             # join the cluster started next (Ray reads its auth token on the first attempt)
             address = _running_local_cluster()
             if address is None:
+                # a record of triserve's own cluster outlives it (a reboot, `ray stop`): no
+                # cluster answers, so it names none, and must not mark one started later at its port
+                _OWN_CLUSTER_RECORD.unlink(missing_ok=True)
                 if not start:
                     raise DeployError("no local Ray cluster is running (nothing is deployed)")
                 address = start_local_head()
