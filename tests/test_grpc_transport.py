@@ -170,3 +170,22 @@ def test_grpcio_server_stays_selectable():
             text = uuid.uuid4().hex.encode()
             result = triton.infer("identity_bytes", [bytes_input("INPUT0", [text])])
             assert result.as_numpy("OUTPUT0").tolist() == [text]
+
+
+def test_metadata_past_one_frame_is_read_and_past_the_limit_refuses_only_that_call(core_server, tmp_path):
+    request = service_pb2.ModelInferRequest(model_name="cancellable")
+    tensor = request.inputs.add(name="INPUT0", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(f"1 {tmp_path / 'began'}".encode())
+    with grpc.insecure_channel(core_server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        running = stub.ModelInfer.future(request, timeout=60)  # in flight on the same connection
+        wait_for(tmp_path / "began")
+        # 40 KB of metadata crosses 16 KiB frames: HEADERS + CONTINUATION
+        assert stub.ServerLive(service_pb2.ServerLiveRequest(), metadata=[("x-big", "a" * 40000)],
+                               timeout=10).live
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ServerLive(service_pb2.ServerLiveRequest(), metadata=[("x-big", "a" * 70000)], timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "65536" in caught.value.details()
+        answer = running.result()  # the call in flight on the connection was answered as usual
+        assert answer.raw_output_contents[0] == struct.pack("<I", 13) + b"not cancelled"

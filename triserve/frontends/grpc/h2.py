@@ -62,13 +62,15 @@ NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x
 FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x6, 0x7, 0x8, 0x9
 # settings
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = 1, 2, 3, 4, 5
+MAX_HEADER_LIST_SIZE = 6
 
 DEFAULT_WINDOW = 65535
 MAX_WINDOW = 2**31 - 1
 RECEIVE_WINDOW = 16 * 1024 * 1024  # what each stream may send before we read it
 OUR_MAX_FRAME = 1024 * 1024  # the largest frame we accept
 STREAMS_LIMIT = 1024  # concurrent streams a client may open on one connection
-HEADER_LIST_LIMIT = 64 * 1024
+HEADER_LIST_LIMIT = 64 * 1024  # a call's metadata (RFC 7541 sizes): a larger list refuses that call
+HEADER_BLOCK_LIMIT = 1024 * 1024  # a header block still decoded (to keep HPACK's table); larger ends the connection
 _CACHED_BLOCKS = 64
 
 _OK = grpc.StatusCode.OK.value[0]
@@ -319,7 +321,7 @@ class _Connection(asyncio.Protocol):
         self.peer = "unknown"
         self.buffer = bytearray()
         self.preface = False
-        self.decoder = hpack.Decoder(max_header_list_size=HEADER_LIST_LIMIT)
+        self.decoder = hpack.Decoder(max_header_list_size=HEADER_BLOCK_LIMIT)
         self.block_cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self.calls: dict[int, _Call] = {}
         self.last_stream = 0
@@ -347,7 +349,7 @@ class _Connection(asyncio.Protocol):
         self.server.connections.add(self)
         settings = b"".join(_SETTING.pack(key, value) for key, value in (
             (MAX_CONCURRENT_STREAMS, STREAMS_LIMIT), (INITIAL_WINDOW_SIZE, RECEIVE_WINDOW),
-            (MAX_FRAME_SIZE, OUR_MAX_FRAME), (ENABLE_PUSH, 0)))
+            (MAX_FRAME_SIZE, OUR_MAX_FRAME), (ENABLE_PUSH, 0), (MAX_HEADER_LIST_SIZE, HEADER_LIST_LIMIT)))
         transport.write(_frame(SETTINGS, 0, 0, settings)
                         + _frame(WINDOW_UPDATE, 0, 0, _U32.pack(MAX_WINDOW - DEFAULT_WINDOW)))
         if self.server.closing:
@@ -435,7 +437,7 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(PROTOCOL_ERROR, "an unexpected CONTINUATION")
             block = self.continued[2]
             block += payload
-            if len(block) > HEADER_LIST_LIMIT:
+            if len(block) > HEADER_BLOCK_LIMIT:
                 raise _ConnectionError(PROTOCOL_ERROR, "a header block too large")
             if flags & END_HEADERS:
                 stream_id, first_flags, _ = self.continued
@@ -508,7 +510,7 @@ class _Connection(asyncio.Protocol):
             self._flush(call)
 
     def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
-        headers = self._decode(block)
+        headers, size = self._decode(block)
         call = self.calls.get(stream_id)
         if call is not None:  # the client's trailers: its request stream ends
             self._request_end(call)
@@ -519,23 +521,32 @@ class _Connection(asyncio.Protocol):
         if self.going_away or self.server.closing or len(self.calls) >= STREAMS_LIMIT:
             self._write(_frame(RST_STREAM, 0, stream_id, _U32.pack(REFUSED_STREAM)))
             return
+        if size > HEADER_LIST_LIMIT:  # this call only: the connection and its other calls go on
+            self._trailers_only(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the call's metadata is {size} bytes, more than this server's limit "
+                                f"of {HEADER_LIST_LIMIT}")
+            if not flags & END_STREAM:
+                self._write(_frame(RST_STREAM, 0, stream_id, _U32.pack(NO_ERROR)))
+            return
         self._open(stream_id, headers, bool(flags & END_STREAM))
 
-    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        headers = self.block_cache.get(block)
-        if headers is not None:
-            return headers
+    def _decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
+        """The headers of a block and their list size (RFC 7541: name + value + 32 each)."""
+        decoded = self.block_cache.get(block)
+        if decoded is not None:
+            return decoded
         try:
             headers = self.decoder.decode(block, raw=True)
         except HPACKError as exc:
             raise _ConnectionError(COMPRESSION_ERROR, f"a header block could not be decoded: {exc}") from None
+        decoded = headers, sum(len(name) + len(value) + 32 for name, value in headers)
         if _indexed_only(block):  # the same bytes mean the same headers until the table changes
             if len(self.block_cache) >= _CACHED_BLOCKS:
                 self.block_cache.clear()
-            self.block_cache[block] = headers
+            self.block_cache[block] = decoded
         else:
             self.block_cache.clear()
-        return headers
+        return decoded
 
     def _open(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         path = content_type = timeout = encoding = authorization = None
