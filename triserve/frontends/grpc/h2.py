@@ -744,8 +744,9 @@ class _Connection(asyncio.Protocol):
             out = head + _frame(DATA, 0, call.stream_id, data)
             if last:
                 out += _frame(HEADERS, END_HEADERS | END_STREAM, call.stream_id, _OK_TRAILERS)
-                self._end(call)
             self._write(out)
+            if last:
+                self._end(call)  # after the answer: it may reset a request stream still open
             return
         if head:
             self._write(head)
@@ -769,7 +770,7 @@ class _Connection(asyncio.Protocol):
 
     def _trailers_only(self, stream_id: int, code: grpc.StatusCode, message: str) -> None:
         self._write(_frame(HEADERS, END_HEADERS | END_STREAM, stream_id,
-                               _RESPONSE_HEADERS + _status_block(code.value[0], message)))
+                           _RESPONSE_HEADERS + _status_block(code.value[0], message)))
 
     def _flush(self, call: _Call) -> None:
         """Send what the windows allow of a call's pending DATA, then its trailers."""
@@ -899,9 +900,12 @@ class GrpcServer:
             _, late = await asyncio.wait(waiting, timeout=grace)
             for task in late:
                 task.cancel()
+        tasks = [call.task for connection in self.connections for call in connection.calls.values()
+                 if call.task is not None]
+        for task in tasks:
+            task.cancel()  # each ends its call with CANCELLED "the server is shutting down"
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
         for connection in list(self.connections):
-            for call in list(connection.calls.values()):
-                if call.task is not None:
-                    call.task.cancel()
             if connection.transport is not None:
-                connection.transport.close()
+                connection.transport.close()  # after what was written to it
