@@ -300,7 +300,7 @@ class Scheduler:
             nonlocal ended
             if not ended:
                 ended = True
-                self._finish(batch, jobs, start, error)
+                self._finish(batch, jobs, error)
 
         try:
             started = self._backend.try_execute(jobs, on_done)
@@ -321,8 +321,7 @@ class Scheduler:
         finally:
             on_done(error)
 
-    def _finish(self, batch: list[tuple[Job, int]], jobs: list[Job], start: int,
-                error: BaseException | None) -> None:
+    def _finish(self, batch: list[tuple[Job, int]], jobs: list[Job], error: BaseException | None) -> None:
         """A batch ended: fail what it left unanswered, count it, let the next batch run."""
         if isinstance(error, InferError):
             self._fail_unfinished(jobs, error)
@@ -330,7 +329,7 @@ class Scheduler:
             self._fail_unfinished(
                 jobs, InferError.internal(f"model '{self._name}' failed to execute: {error!r}"))
         end = time.monotonic_ns()
-        start = max(start, jobs[0].start_ns)  # a backend may have started it later than it was handed over
+        start = jobs[0].start_ns  # when _run handed it over, or later where the backend started it later
         self._statistics.record_execution(
             sum(size for _, size in batch), [start - job.enqueue_ns for job in jobs], end - start
         )

@@ -58,8 +58,8 @@ _MESSAGE = struct.Struct(">BI")  # a gRPC message's prefix: compressed flag, len
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 # error codes
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x6, 0x7, 0x8, 0x9
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x3
+FRAME_SIZE_ERROR, REFUSED_STREAM, COMPRESSION_ERROR = 0x6, 0x7, 0x9
 # settings
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = 1, 2, 3, 4, 5
 MAX_HEADER_LIST_SIZE = 6
@@ -72,8 +72,6 @@ STREAMS_LIMIT = 1024  # concurrent streams a client may open on one connection
 HEADER_LIST_LIMIT = 64 * 1024  # a call's metadata (RFC 7541 sizes): a larger list refuses that call
 HEADER_BLOCK_LIMIT = 1024 * 1024  # a header block still decoded (to keep HPACK's table); larger ends the connection
 _CACHED_BLOCKS = 64
-
-_OK = grpc.StatusCode.OK.value[0]
 
 
 def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -220,14 +218,15 @@ class CallContext:
 class _Call:
     """One stream: a gRPC call, from its headers to its trailers."""
 
-    __slots__ = ("connection", "stream_id", "handler", "metadata", "deadline", "encoding", "task",
+    __slots__ = ("connection", "stream_id", "path", "handler", "metadata", "deadline", "encoding", "task",
                  "inbox", "buffer", "send_window", "pending", "headers_sent", "closed", "reset",
                  "flushed", "request_ended", "timer", "unread", "owed")
 
-    def __init__(self, connection: "_Connection", stream_id: int, handler: grpc.RpcMethodHandler,
+    def __init__(self, connection: "_Connection", stream_id: int, path: str, handler: grpc.RpcMethodHandler,
                  metadata: tuple, deadline: float | None, encoding: str | None):
         self.connection = connection
         self.stream_id = stream_id
+        self.path = path
         self.handler = handler
         self.metadata = metadata
         self.deadline = deadline
@@ -358,12 +357,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         for call in list(self.calls.values()):
-            call.reset = call.request_ended = True
-            self._end(call)
-            if call.task is not None:
-                call.task.cancel()
-            if call.flushed is not None and not call.flushed.done():
-                call.flushed.cancel()
+            self._reset(call)
         if self.paused is not None and not self.paused.done():
             self.paused.set_result(None)
         self.idle.set()
@@ -461,10 +455,7 @@ class _Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             call = self.calls.get(stream_id)
             if call is not None:
-                call.reset = call.request_ended = True  # nothing more to read, nothing to answer
-                self._end(call)
-                if call.task is not None:
-                    call.task.cancel()  # the call's inference is cancelled with it
+                self._reset(call)
         elif kind == GOAWAY:
             self.going_away = True  # the client opens no more streams; those running finish
         elif kind == PUSH_PROMISE:
@@ -590,7 +581,7 @@ class _Connection(asyncio.Protocol):
             if denied is not None:
                 self._trailers_only(stream_id, REFUSAL_STATUS[denied.refusal], denied.message)
                 return
-        call = _Call(self, stream_id, handler, tuple(metadata), deadline, encoding)
+        call = _Call(self, stream_id, path, handler, tuple(metadata), deadline, encoding)
         self.calls[stream_id] = call
         self.idle.clear()
         if deadline is not None:
@@ -671,6 +662,14 @@ class _Connection(asyncio.Protocol):
             call.request_ended = True
             self._write(_frame(RST_STREAM, 0, call.stream_id, _U32.pack(NO_ERROR)))
 
+    def _reset(self, call: _Call) -> None:
+        """The client reset the stream or went away: nothing more to read, nothing to answer, and
+        the call's task is cancelled (which cancels its inference in the core)."""
+        call.reset = call.request_ended = True
+        self._end(call)
+        if call.task is not None:
+            call.task.cancel()
+
     def _deadline_passed(self, call: _Call) -> None:
         call.timer = None
         if call.closed:
@@ -707,7 +706,7 @@ class _Connection(asyncio.Protocol):
                 self._send_status(call, grpc.StatusCode.CANCELLED, "the server is shutting down")
         except Exception as error:
             self._send_status(call, grpc.StatusCode.UNKNOWN,
-                              report_bug(logger, f"serving gRPC {self._method(call)}", error))
+                              report_bug(logger, f"serving gRPC {call.path}", error))
 
     async def _stream_out(self, call: _Call, result: Any) -> None:
         """A response-streaming handler: a coroutine writing through the context, or an async generator."""
@@ -717,10 +716,6 @@ class _Connection(asyncio.Protocol):
         else:
             await result
         self._send_status(call, grpc.StatusCode.OK, "")
-
-    def _method(self, call: _Call) -> str:
-        return next((path for path, handler in self.server.registry.handlers.items()
-                     if handler is call.handler), "?")
 
     # --- sending ----------------------------------------------------------------------------
 
