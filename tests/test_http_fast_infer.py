@@ -115,6 +115,21 @@ def test_connection_close_and_http_1_0_end_the_connection_after_the_answer(core_
             assert stream.read() == b""  # closed by the server
 
 
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(core_server):
+    """Between two requests a connection may idle 5 s (uvicorn's keep-alive timeout), then the
+    server closes it: idle connections do not pile up. A request in time keeps it open."""
+    with connect(core_server) as sock, sock.makefile("rb") as stream:
+        sock.sendall(infer_request("identity_fp32", [1.0]))
+        assert answer(stream)[0] == 200
+        time.sleep(2)
+        sock.sendall(infer_request("identity_fp32", [2.0]))
+        status, _, body = answer(stream)
+        assert status == 200 and outputs(body) == [2.0]
+        idle_since = time.monotonic()
+        assert stream.read() == b""  # closed by the server (the socket's timeout is 30 s)
+        assert time.monotonic() - idle_since < 15
+
+
 def test_expect_100_continue_is_honoured(core_server):
     request = infer_request("identity_fp32", [9.0], extra_headers="Expect: 100-continue\r\n")
     head, _, body = request.partition(b"\r\n\r\n")

@@ -318,12 +318,16 @@ def test_a_refused_body_does_not_disturb_the_next_requests(server):
     assert "still here" in reply.choices[0].message.content
 
 
-def test_a_huge_request_head_is_431_and_a_trickled_one_408(server):
+@pytest.mark.parametrize("request_line", [b"GET /v2/health/ready HTTP/1.1",
+                                          b"POST /v2/models/identity_fp32/infer HTTP/1.1"],
+                         ids=["uvicorn-path", "plain-infer-path"])
+def test_a_huge_request_head_is_431_and_a_trickled_one_408(server, request_line):
     """uvicorn alone reads a request head of any size (quadratic time in httptools) and
-    waits for it forever: 200 MB of one header and a head sent a byte at a time."""
+    waits for it forever: 200 MB of one header and a head sent a byte at a time. KServe
+    infer's head, which triserve's own protocol reads, has the same limits."""
     before = rss(server.proc.pid)
     with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
-        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sock.sendall(request_line + b"\r\nHost: x\r\nX-Big: ")
         sent = 0
         try:
             while sent < 200 * MiB and not select.select([sock], [], [], 0)[0]:
@@ -337,8 +341,13 @@ def test_a_huge_request_head_is_431_and_a_trickled_one_408(server):
     assert rss(server.proc.pid) - before < 32 * MiB
 
     with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
-        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHo")  # and nothing more
+        sock.sendall(request_line + b"\r\nX-Slow: ")
         assert requests.get(f"{server.base_url}/v2/health/ready", timeout=5).status_code == 200
+        for _ in range(60):  # a byte every 0.25 s for up to 15 s (the limit is 3 s): no byte restarts the clock
+            if select.select([sock], [], [], 0.25)[0]:
+                break
+            sock.sendall(b"a")
         response = read_response(sock, timeout=30)
-    assert response.status == 408 and "--request-body-timeout" in json.loads(response.body)["error"]
+    message = json.loads(response.body)["error"]
+    assert response.status == 408 and "request head" in message and "--request-body-timeout" in message
     assert_serving(server)

@@ -68,8 +68,9 @@ def _uvicorn(app, options: ServerOptions, port: int) -> _EmbeddedUvicorn:
         proxy_headers=False, server_header=False, date_header=False,
         ssl_certfile=tls.cert, ssl_keyfile=tls.key, ssl_ca_certs=tls.client_ca,
         ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca else ssl.CERT_NONE,
-        # httptools with a bounded request head (size and time): frontends/http/protocol.py
-        http=bounded_protocol(options.limits.request_body_timeout),
+        # httptools with a bounded request head (size and time), plain KServe infer answered by
+        # triserve: frontends/http/protocol.py
+        http=bounded_protocol(options.limits),
     ))
 
 

@@ -9,7 +9,8 @@ HTTP, gRPC and metrics frontends serve a single process and a cluster unchanged.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Protocol
+import asyncio
+from typing import Any, AsyncIterator, Callable, Coroutine, Protocol
 
 from tritonclient.grpc import model_config_pb2
 
@@ -59,7 +60,28 @@ class Core(Protocol):
     async def infer(self, request: InferRequest) -> InferResponse:
         """One request, one response; raises ``InferError``."""
 
+    def start_infer(self, request: InferRequest,
+                    on_answer: Callable[[InferResponse | Exception], None]) -> Callable[[], None]:
+        """``infer`` for a caller without a task of its own: ``on_answer`` gets the response or the
+        error, once, on the event loop, unless the returned function (cancel) was called first.
+        May raise ``InferError`` for a request refused at once. :func:`start_in_task` implements
+        it for a core whose ``infer`` is only a coroutine."""
+
     def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         """Every response until ``final``; closing the iterator early cancels the request."""
 
     def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]: ...
+
+
+def start_in_task(infer: Coroutine[Any, Any, InferResponse],
+                  on_answer: Callable[[InferResponse | Exception], None]) -> Callable[[], None]:
+    """:meth:`Core.start_infer` from a core's ``infer`` coroutine: it runs in a task of its own."""
+    task = asyncio.ensure_future(infer)
+
+    def finished(task: asyncio.Task) -> None:
+        if not task.cancelled():
+            error = task.exception()
+            on_answer(error if isinstance(error, Exception) else task.result())
+
+    task.add_done_callback(finished)
+    return task.cancel

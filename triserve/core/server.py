@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import triserve
 from triserve.core.backend import CoreClient, Lifecycle
@@ -143,8 +143,11 @@ class InferenceServer:
         if self._stopping:
             raise InferError.unavailable("the server is shutting down and takes no new requests")
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        """One request, one response; raises ``InferError`` (also for an error response)."""
+    def start_infer(self, request: InferRequest,
+                    on_answer: Callable[[InferResponse | Exception], None]) -> Callable[[], None]:
+        """:meth:`infer` without a task: ``on_answer`` gets the final response, or the error as an
+        ``InferError`` (an error response included), once, on the event loop, unless the returned
+        function (cancel) is called first. Raises ``InferError`` for a request refused at once."""
         self._accepting()
         model = self.get_model(request.model_name, request.model_version)
         if model.decoupled and not model.backend.unary_when_decoupled:
@@ -153,29 +156,46 @@ class InferenceServer:
                 f"model '{model.name}' is decoupled: use the streaming API "
                 "(gRPC ModelStreamInfer or /generate_stream)",
             )
-        answer: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
+        answered = False
 
         def deliver(response: InferResponse) -> None:
-            if answer.done():
+            nonlocal answered
+            if answered:
                 return
-            if response.final:
-                answer.set_result(response)
-            else:
-                answer.set_exception(InferError.invalid(
-                    f"model '{model.name}' sent a streamed response to a unary request: unset "
-                    "'stream' or use a streaming API (gRPC ModelStreamInfer, /generate_stream)"
-                ))
+            answered = True
+            if not response.final:
                 asyncio.get_running_loop().call_soon(job.cancel)
+                on_answer(InferError.invalid(
+                    f"model '{model.name}' sent a streamed response to a unary request: unset "
+                    "'stream' or use a streaming API (gRPC ModelStreamInfer, /generate_stream)"))
+            else:
+                on_answer(response if response.error is None else response.error)
 
-        job = model.submit(request, deliver)
-        try:
-            response = await answer
-        finally:
+        def cancel() -> None:
+            nonlocal answered
+            answered = True
             if not job.done:
                 job.cancel()
-        if response.error is not None:
-            raise response.error
-        return response
+
+        job = model.submit(request, deliver)
+        return cancel
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """One request, one response; raises ``InferError`` (also for an error response)."""
+        answer: asyncio.Future[InferResponse | Exception] = asyncio.get_running_loop().create_future()
+
+        def settle(result: InferResponse | Exception) -> None:
+            if not answer.done():  # cancelled with its caller, the answer is not wanted
+                answer.set_result(result)
+
+        cancel = self.start_infer(request, settle)
+        try:
+            result = await answer
+        finally:
+            cancel()  # a cancelled caller cancels the job; after the answer it changes nothing
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         """Every response of a request, until the final one; errors arrive as ``response.error``.

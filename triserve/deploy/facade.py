@@ -31,6 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from tritonclient.grpc import model_config_pb2
 
 import triserve
+from triserve.core.api import start_in_task
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.metrics import merge_families
 from triserve.core.server import EXTENSIONS
@@ -248,6 +249,10 @@ class ClusterCore:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         return await infer_through(self._handle(request), request)
+
+    def start_infer(self, request: InferRequest,
+                    on_answer: Callable[[InferResponse | Exception], None]) -> Callable[[], None]:
+        return start_in_task(infer_through(self._handle(request), request), on_answer)
 
     def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         try:

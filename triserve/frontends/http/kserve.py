@@ -30,7 +30,7 @@ _OUTPUT_FIELDS = frozenset({"name", "parameters"})
 _BINARY_OUTPUT = "binary_data"  # output parameter: send this output as binary
 _BINARY_OUTPUTS = "binary_data_output"  # request parameter: default for every output
 # Bodies larger than this are decoded in a worker thread, so the event loop keeps serving.
-_THREAD_DECODE_BYTES = 1 << 20
+THREAD_DECODE_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -118,7 +118,7 @@ async def infer(
     Both the Starlette route and the app's ASGI fast path call this, so the two agree.
     The body arrives plain (the body-limit middleware inflated a compressed one).
     """
-    if len(body) > _THREAD_DECODE_BYTES:
+    if len(body) > THREAD_DECODE_BYTES:
         infer_request, encoding = await asyncio.to_thread(
             decode_infer_request, model, version, body, header_length, max_elements)
     else:

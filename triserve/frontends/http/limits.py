@@ -145,12 +145,17 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+    async def read_body(self, scope: Scope, receive: Receive, send: Send,
+                        check_depth: bool = True) -> bytes | None:
         """The whole plain body within the limits; None when it was refused (answered here,
         closing the connection) or the client left. The app's KServe fast path calls this
-        directly instead of going through the middleware."""
+        directly instead of going through the middleware, and checks the JSON depth itself
+        (``check_depth=False``) with :meth:`check_depth`, as triserve's HTTP protocol does."""
         try:
-            return await self._read(scope, receive)
+            body = await self._read(scope, receive)
+            if body is not None and check_depth:
+                await self.check_depth(body, _header_length(scope["headers"]))
+            return body
         except Refused as refused:
             await refuse(scope, send, refused.status, refused.message, close=True)
             return None
@@ -158,7 +163,7 @@ class BodyLimitMiddleware:
     async def _read(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body, or None when the client left."""
         limits = self.limits
-        encoding = header_length = None
+        encoding = None
         headers = scope["headers"]
         for name, value in headers:
             if name == _CONTENT_LENGTH:
@@ -168,8 +173,6 @@ class BodyLimitMiddleware:
                                        f"{format_size(limits.max_request_body)} (--max-request-body)")
             elif name == _CONTENT_ENCODING:
                 encoding = value.decode("latin-1").strip().lower()
-            elif name == _HEADER_LENGTH:
-                header_length = value
         inflater = None
         if encoding not in (None, "", "identity"):
             if encoding not in _WBITS:
@@ -210,19 +213,39 @@ class BodyLimitMiddleware:
             inflater.finish()
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         parts.clear()
-        await self._check_depth(body, header_length)
         return body
 
-    async def _check_depth(self, body: bytes, header_length: bytes | None) -> None:
-        json_part = body
-        if header_length is not None and header_length.isdigit():
-            json_part = memoryview(body)[:int(header_length)]  # the binary tensor part is not JSON
-        if not json_part:
-            return
-        limit = self.limits.max_json_depth
+    async def check_depth(self, body: bytes, header_length: bytes | str | None) -> None:
+        """Raises :class:`Refused` when the body's JSON part nests deeper than ``--max-json-depth``
+        (``header_length``: the binary extension's ``Inference-Header-Content-Length``); a JSON
+        part over 1 MiB is checked in a worker thread."""
+        json_part = _json_part(body, header_length)
         if len(json_part) > _THREAD_CHECK_BYTES:
-            exceeds = await asyncio.to_thread(jsonio.nesting_exceeds, json_part, limit)
+            exceeds = await asyncio.to_thread(jsonio.nesting_exceeds, json_part, self.limits.max_json_depth)
+            if exceeds:
+                raise self._too_deep()
         else:
-            exceeds = jsonio.nesting_exceeds(json_part, limit)
-        if exceeds:
-            raise Refused(400, f"request JSON nests deeper than the limit of {limit} levels (--max-json-depth)")
+            self.check_depth_now(json_part, None)
+
+    def check_depth_now(self, body: bytes | memoryview, header_length: bytes | str | None) -> None:
+        """:meth:`check_depth` on the event loop, for a body small enough."""
+        json_part = _json_part(body, header_length)
+        if json_part and jsonio.nesting_exceeds(json_part, self.limits.max_json_depth):
+            raise self._too_deep()
+
+    def _too_deep(self) -> Refused:
+        return Refused(400, f"request JSON nests deeper than the limit of {self.limits.max_json_depth} levels "
+                            "(--max-json-depth)")
+
+
+def _json_part(body: bytes | memoryview, header_length: bytes | str | None) -> bytes | memoryview:
+    if header_length is not None and header_length.isdigit():
+        return memoryview(body)[:int(header_length)]  # the binary tensor part is not JSON
+    return body
+
+
+def _header_length(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name == _HEADER_LENGTH:
+            return value
+    return None
