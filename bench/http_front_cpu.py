@@ -1,11 +1,13 @@
 """CPU time of the HTTP front alone per KServe infer request, in-process.
 
 Feeds raw HTTP requests (the anchors' bench_data as tritonclient sends them: binary
-tensors) to triserve's uvicorn protocol over an in-memory transport, in front of the
-real app (auth, body limits, KServe decode and encode) and a core that answers at once
-with the request's inputs as outputs. No sockets, no model process: what is measured is
-the protocol, the ASGI or fast cycle, the app and the codec, with ``time.process_time``
-on uvloop, so the figure moves far less with the machine's load than a whole server's.
+tensors) to triserve's HTTP protocol over an in-memory transport, in front of the
+real app (auth, body limits, KServe decode and encode) and a core that answers with the
+request's inputs as outputs from the next loop iteration (as the real core's answer comes
+from a later read). No sockets, no model process: what is measured is the protocol (its
+plain path, or httptools and uvicorn's cycle), the app and the codec, with
+``time.process_time`` on uvloop, so the figure moves far less with the machine's load than
+a whole server's.
 
     python -m bench.http_front_cpu                      # chat_echo and identity_bytes
     python -m bench.http_front_cpu --requests 50000 --pipelined 4

@@ -130,6 +130,23 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(core_server):
         assert time.monotonic() - idle_since < 15
 
 
+def test_the_server_sleeps_once_requests_stop(core_server):
+    """Busy polling (``--busy-poll-us``, on by default) keeps the event loop awake only right
+    after a model process was written to or answered: once requests stop, the server process
+    spends no CPU (a loop left spinning would spend a whole core)."""
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{core_server.http_port}")
+    tensor = httpclient.InferInput("INPUT0", [1], "FP32")
+    tensor.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+    for _ in range(200):
+        client.infer("identity_fp32", [tensor])
+    client.close()
+    server = psutil.Process(core_server.proc.pid)
+    time.sleep(0.5)
+    before = sum(server.cpu_times()[:2])
+    time.sleep(2)
+    assert sum(server.cpu_times()[:2]) - before < 0.2  # seconds of CPU in 2 s: asleep, not spinning
+
+
 def test_expect_100_continue_is_honoured(core_server):
     request = infer_request("identity_fp32", [9.0], extra_headers="Expect: 100-continue\r\n")
     head, _, body = request.partition(b"\r\n\r\n")

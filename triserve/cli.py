@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a streamed request whose client reads none of its responses for S seconds "
                             "while the model is held back (16 MiB or 1024 responses waiting) is "
                             "cancelled with an error; 0 = never (default: 60)")
+    serve.add_argument("--busy-poll-us", type=_microseconds, default=200.0, metavar="US",
+                       help="after writing to or reading from a Python model's process, the event loop "
+                            "polls without sleeping for US microseconds, so the answer and the client's "
+                            "next request need no wake-up: lower latency for a lone client, at most one "
+                            "core of CPU while requests flow; 0 = off (default: 200)")
     serve.add_argument("--initialize-timeout", type=_seconds, default=600.0, metavar="S",
                        help="deadline of a model instance's load/initialize; 0 = none (default: 600)")
     serve.add_argument("--finalize-timeout", type=_seconds, default=30.0, metavar="S",
@@ -215,6 +220,7 @@ def _server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         chatglm_model=args.chatglm_model,
         drain_timeout=args.drain_timeout,
         stream_stall_timeout=args.stream_stall_timeout,
+        busy_poll_us=args.busy_poll_us,
         initialize_timeout=args.initialize_timeout,
         finalize_timeout=args.finalize_timeout,
         execute_timeout=args.execute_timeout,
@@ -242,6 +248,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value:g}")
+    return value
+
+
+def _microseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of microseconds, got {text!r}") from None
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"expected microseconds from 0 to 1000000, got {value:g}")
     return value
 
 

@@ -86,6 +86,7 @@ class ServerOptions:
     chatglm_model: str | None = None  # the model behind ChatGLM's ``POST /``; None: the first chat model
     drain_timeout: float = 30.0  # SIGTERM: seconds running requests get to finish
     stream_stall_timeout: float = 60.0  # a stream whose client reads nothing while it is held back
+    busy_poll_us: float = 200.0  # the loop polls without sleeping this long after model-process I/O
     initialize_timeout: float = 600.0  # deadline of one instance's load/initialize
     finalize_timeout: float = 30.0  # deadline of one instance's finalize
     execute_timeout: float = 0.0  # deadline of one execute call; 0 = none

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import uvicorn
 
 import triserve
+from triserve.core import busypoll
 from triserve.core.api import Core
 from triserve.core.backend import Lifecycle
 from triserve.core.server import InferenceServer
@@ -180,6 +181,7 @@ async def serve(options: ServerOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
 
+    busypoll.enable(asyncio.get_running_loop(), options.busy_poll_us / 1e6)
     await frontends.start()
     logger.info("triserve %s: HTTP%s on %s:%d, gRPC (%s) on %s, metrics on %s:%d/metrics; "
                 "model repository %s; %s", triserve.__version__, "S" if options.tls.enabled else "",
@@ -214,6 +216,7 @@ async def serve(options: ServerOptions) -> None:
             await core.drain(0)
         hurried.cancel()
     await frontends.stop()
+    busypoll.enable(None, 0)
     await core.stop()
     logger.info("triserve stopped")
     if loading.done() and not loading.cancelled() and loading.exception() is not None:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from triserve.backends.python.stub.triserve_wire import (
     CANCELLED_WHILE_QUEUED, QUEUE_TIMEOUT_EXPIRED, pack_array, unpack_array,
 )
-from triserve.core import datatypes, scheduler
+from triserve.core import busypoll, datatypes, scheduler
 from triserve.core.errors import ErrorCode, InferError
 from triserve.core.types import InferRequest, InferTensor
 
@@ -55,6 +55,7 @@ class FrameProtocol(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        busypoll.touch()
         if self._pending:
             self._pending += data
             if len(self._pending) < self._needed:
@@ -89,6 +90,7 @@ class FrameProtocol(asyncio.Protocol):
         self._resumed = None
 
     def send(self, message: tuple) -> None:
+        busypoll.touch()
         data = pickle.dumps(message, protocol=5)
         self._transport.write(HEADER.pack(len(data)) + data)
 
