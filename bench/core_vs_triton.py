@@ -229,6 +229,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--servers", nargs="+", choices=["triton", "triserve"], default=["triton", "triserve"])
     ap.add_argument("--models", nargs="+", default=["identity_bytes", "chat_echo"])
+    ap.add_argument("--triserve-args", default="", metavar="'ARGS'",
+                    help="more arguments for triserve serve, e.g. '--busy-poll-us 0'")
     ap.add_argument("--protocols", nargs="+", choices=["http", "grpc"], default=["http", "grpc"])
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer measurement window")
@@ -242,7 +244,7 @@ def main() -> None:
     def make(name: str) -> Server:
         if name == "triton":
             return TritonServer(args.repository, out_dir)
-        return triserve_server(args.repository, out_dir)
+        return triserve_server(args.repository, out_dir, extra_args=tuple(args.triserve_args.split()))
 
     startups = [measure_startup(make(name)) for _ in range(args.starts) for name in args.servers]
     cells = measure_load([make(name) for name in args.servers], args.models, args.protocols,

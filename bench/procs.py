@@ -115,6 +115,7 @@ class ServerProcess(LoopbackAddresses):
     grpc_port: int = 0  # 0: the server has no gRPC endpoint
     proc: subprocess.Popen | None = None
     ready_s: float = float("nan")
+    cwd: Path = REPO_ROOT  # where ``python -m triserve`` finds its code: another checkout serves its own
 
     @property
     def pid(self) -> int:
@@ -126,7 +127,7 @@ class ServerProcess(LoopbackAddresses):
         log = open(self.log_path, "wb")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env}, cwd=REPO_ROOT)
+                                     env={**os.environ, **self.env}, cwd=self.cwd)
         log.close()
         deadline = t0 + self.ready_timeout_s
         while time.perf_counter() < deadline:
@@ -190,8 +191,10 @@ def _answers_200(url: str) -> bool:
 
 
 def triserve_server(repository: Path, log_dir: Path, name: str = "triserve",
-                    extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> ServerProcess:
-    """``python -m triserve serve`` on 127.0.0.1 with free ports (HTTP, gRPC, metrics)."""
+                    extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                    checkout: Path = REPO_ROOT) -> ServerProcess:
+    """``python -m triserve serve`` on 127.0.0.1 with free ports (HTTP, gRPC, metrics), running the
+    code of ``checkout`` (this one by default)."""
     http, grpc, metrics = free_port(), free_port(), free_port()
     return ServerProcess(
         name=name,
@@ -203,4 +206,5 @@ def triserve_server(repository: Path, log_dir: Path, name: str = "triserve",
         env=env or {},
         http_port=http,
         grpc_port=grpc,
+        cwd=checkout,
     )
