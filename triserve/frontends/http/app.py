@@ -12,9 +12,11 @@ KServe inference, the one hot path, skips Starlette: :class:`TriserveApp` matche
 ``POST /v2/models/{model}[/versions/{version}]/infer`` on the raw ASGI scope and
 answers it with :func:`kserve.infer` directly, without Request/Response objects,
 routing or the exception middleware, which cost more CPU than the inference itself.
-Its plain form does not even reach the app as ASGI: triserve's httptools protocol
-(:mod:`.protocol`) calls :meth:`TriserveApp.answer_infer` from its own request cycle and
-writes the answer to the socket. Both paths answer through that one method.
+Its plain form does not even reach the app as ASGI: triserve's HTTP protocol
+(:mod:`.protocol`) reads it itself and calls :meth:`TriserveApp.start_infer`, which answers
+through a callback (no task), or :meth:`TriserveApp.answer_infer` for a body large enough to be
+decoded in a worker thread, and writes the answer to the socket. The three share the checks,
+the codec and the error answers.
 """
 
 from __future__ import annotations

@@ -18,9 +18,12 @@ its plain form: HTTP/1.1, a visible-ASCII path without ``%``, well-formed header
 ``Expect`` or ``Upgrade``, and an API key the server accepts. While the connection is between two
 requests, the bytes it reads go to :meth:`BoundedHttpToolsProtocol._next_plain`: one regular
 expression matches the whole head, the body is sliced from the same buffer, and
-:meth:`TriserveApp.answer_infer <.app.TriserveApp.answer_infer>` (the function the ASGI path
-calls too: JSON depth, decode -> core -> encode, errors) answers it; status line, headers and body
-leave in one write. Anything else, from the first byte that cannot be the plain form, is fed to
+:meth:`TriserveApp.start_infer <.app.TriserveApp.start_infer>` (JSON depth, decode, then
+``Core.start_infer``) answers it through a callback: no task, no future, the whole request in
+two ``data_received`` calls (the client's, the model's). A body over 1 MiB, checked and decoded
+in worker threads, gets a task and :meth:`TriserveApp.answer_infer
+<.app.TriserveApp.answer_infer>`, the function the ASGI path calls too. Status line, headers and
+body leave in one write. Anything else, from the first byte that cannot be the plain form, is fed to
 httptools as if it had just arrived, and uvicorn answers it as usual (the ASGI app then refuses
 what must be refused, with the same messages); the plain path takes the connection back once
 uvicorn's answer is complete and httptools is between two requests.
@@ -82,7 +85,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _in_head = False  # httptools is reading a request head
     _head_bytes = 0
     _lost_callbacks: list[Callable[[], None]] | None = None
-    #: the app whose ``answer_infer`` the plain path calls; None: every request goes the httptools way
+    #: the app that answers the plain path; None: every request goes the httptools way
     _infer_app: TriserveApp | None = None
     _plain: bytearray | None = None  # bytes read on the plain path, not (yet) fed to httptools
     _head: tuple | None = None  # the parsed head of a plain request whose body is still arriving
@@ -132,7 +135,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _next_plain(self) -> None:
         """Start answering the plain request at the start of the buffered bytes, wait for the
         rest of it, or hand the bytes to httptools."""
-        if self._answering:
+        if self._answering or self.transport.is_closing():
             return  # one at a time: called again once the answer is written
         plain = self._plain
         head = self._head
@@ -354,6 +357,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.idle.unwatch(self)
         super().connection_lost(exc)
         cancel, self._cancel = self._cancel, None
+        self._request = None
         if cancel is not None:
             cancel()  # the plain request answered without a task: no one is left to answer
         callbacks, self._lost_callbacks = self._lost_callbacks, None
