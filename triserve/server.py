@@ -24,6 +24,7 @@ import ssl
 from collections.abc import Iterator
 from typing import Any, Callable
 
+import triserve.frontends.http  # noqa: F401  (first: it imports uvicorn without watchfiles)
 import uvicorn
 
 import triserve
