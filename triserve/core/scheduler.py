@@ -56,7 +56,7 @@ CANCELLED_WHILE_QUEUED = "request was cancelled while queued"  # CANCELLED
 TIMEOUT_PARAMETER = "timeout"  # a request's own timeout, microseconds (Triton's)
 PRIORITY_PARAMETER = "priority"  # a request's priority level (Triton's; 1 is the highest, 0 the default)
 
-_Entry = tuple[Job, int]  # job, batch size (its queue deadline is job.deadline_ns)
+_Entry = tuple[Job, int, int]  # job, batch size, queue deadline (monotonic ns; 0 = none)
 
 
 class _Level:
@@ -142,7 +142,7 @@ class Scheduler:
             self._in_flight += 1
             self._run([(job, batch_size)])
             return
-        level.queue.append((job, batch_size))
+        level.queue.append((job, batch_size, deadline))
         self._queued += 1
         self._queued_size += batch_size
         self._statistics.pending += 1
@@ -211,11 +211,10 @@ class Scheduler:
         for level in self._levels:
             kept: deque[_Entry] = deque()
             for entry in level.queue:
-                deadline = entry[0].deadline_ns
+                deadline = entry[2]
                 if deadline and deadline <= now:
                     if level.delay_expired:
-                        entry[0].deadline_ns = 0  # moved back, no longer timed
-                        level.delayed.append(entry)
+                        level.delayed.append((entry[0], entry[1], 0))
                     else:
                         self._queued -= 1
                         self._queued_size -= entry[1]
@@ -264,15 +263,14 @@ class Scheduler:
         batch: list[tuple[Job, int]] = []
         total = 0
         while self._queued:
-            job, size = self._head()[0]
+            job, size, deadline = self._head()[0]
             if job.cancelled:
                 self._pop().fail(InferError(ErrorCode.CANCELLED, CANCELLED_WHILE_QUEUED))
                 continue
-            if job.deadline_ns and job.deadline_ns <= time.monotonic_ns():  # expired before the sweep saw it
+            if deadline and deadline <= time.monotonic_ns():  # expired before the sweep saw it
                 level = next(level for level in self._levels if level.head() is not None)
                 if level.delay_expired:
-                    job.deadline_ns = 0  # moved back, no longer timed
-                    level.delayed.append(level.queue.popleft())
+                    level.delayed.append((level.queue.popleft()[0], size, 0))
                 else:
                     self._pop().fail(InferError.unavailable(TIMEOUT_EXPIRED))
                 continue
@@ -284,7 +282,7 @@ class Scheduler:
         return batch
 
     def _pop(self) -> Job:
-        job, size = self._head().popleft()
+        job, size, _ = self._head().popleft()
         self._queued -= 1
         self._queued_size -= size
         self._statistics.pending -= 1

@@ -30,11 +30,11 @@ from starlette.types import Receive, Scope, Send
 from triserve.core.errors import InferError
 from triserve.core.types import InferResponse
 from triserve.frontends.auth import Gate
-from triserve.frontends.http import chatglm, generate, jsonio, kserve, legacy, openai, openapi, ui
+from triserve.frontends.http import binary, chatglm, generate, jsonio, kserve, legacy, openai, openapi, ui
 from triserve.frontends.http.auth import AuthMiddleware
 from triserve.frontends.http.disconnect import until_disconnected
 from triserve.frontends.http.errors import error_body, unexpected_error_body
-from triserve.frontends.http.limits import BodyLimitMiddleware, Refused, header_length
+from triserve.frontends.http.limits import BodyLimitMiddleware, Refused
 from triserve.frontends.http.refusal import EXCEPTION_HANDLERS, refusal_body
 from triserve.options import Access, Limits
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 _JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 # status, headers (lower-case names, no content-length), body, close the connection after it
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes, bool]
+_HEADER_LENGTH = binary.HEADER.lower().encode()
 
 
 class HttpOptions(Protocol):
@@ -162,8 +163,10 @@ class TriserveApp(Starlette):
 
 
 def _header_length(scope: Scope) -> str | None:
-    value = header_length(scope["headers"])
-    return None if value is None else value.decode("latin-1")
+    for name, value in scope["headers"]:
+        if name == _HEADER_LENGTH:
+            return value.decode("latin-1")
+    return None
 
 
 def _ok(payload: bytes, headers: dict[str, str]) -> Answer:

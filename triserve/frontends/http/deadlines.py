@@ -31,10 +31,6 @@ class Deadlines(Generic[Key]):
     def unwatch(self, key: Key) -> None:
         self._pending.pop(key, None)
 
-    def __contains__(self, key: Key) -> bool:
-        """Whether ``key``'s deadline runs."""
-        return key in self._pending
-
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         while True:

@@ -154,7 +154,7 @@ class BodyLimitMiddleware:
         try:
             body = await self._read(scope, receive)
             if body is not None and check_depth:
-                await self.check_depth(body, header_length(scope["headers"]))
+                await self.check_depth(body, _header_length(scope["headers"]))
             return body
         except Refused as refused:
             await refuse(scope, send, refused.status, refused.message, close=True)
@@ -244,8 +244,7 @@ def _json_part(body: bytes | memoryview, header_length: bytes | str | None) -> b
     return body
 
 
-def header_length(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    """The binary extension's ``Inference-Header-Content-Length`` among ASGI headers."""
+def _header_length(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     for name, value in headers:
         if name == _HEADER_LENGTH:
             return value

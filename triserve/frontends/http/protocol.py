@@ -89,6 +89,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _infer_app: TriserveApp | None = None
     _plain: bytearray | None = None  # bytes read on the plain path, not (yet) fed to httptools
     _head: tuple | None = None  # the parsed head of a plain request whose body is still arriving
+    _head_watched = False  # the deadline of a plain head still arriving runs
     _answering = False  # a plain request is being answered
     _request: tuple | None = None  # (scope, keep-alive) of the plain request answered without a task
     _cancel: Callable[[], None] | None = None  # cancels that request's inference
@@ -173,13 +174,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """The plain request's head: (end of its body, start of its body, scope, model, version,
         keep-alive); None when more bytes are needed, or the bytes went to httptools."""
         match = _PLAIN_HEAD.match(plain)
+        self._head_watched = match is None and self._head_watched
         if match is None:
             start = plain[:len(_PLAIN_START)]
             if plain.find(b"\r\n\r\n") < 0 and _PLAIN_START.startswith(start):
                 if len(plain) > MAX_REQUEST_HEAD:
                     self.refuse(431, f"the request line and headers are over the limit of "
                                      f"{MAX_REQUEST_HEAD // 1024} KiB", _PLAIN_PATH)
-                elif self not in self.deadlines:
+                elif not self._head_watched:
+                    self._head_watched = True
                     self.deadlines.watch(self)  # from the head's first bytes, not reset by later ones
                 return None
             return self._to_httptools()
@@ -229,6 +232,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         data = bytes(self._plain)
         self._plain.clear()
         self._head = None
+        self._head_watched = False
         self.deadlines.unwatch(self)
         self._feed(data)
         return None
@@ -238,7 +242,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel = None
         scope, keep_alive = self._request
         self._request = None
-        self._finish_when_writable(scope, answer, keep_alive)
+        if self.flow.write_paused and not self.transport.is_closing():
+            # the previous answer on this connection still fills the socket: wait in a task
+            task = self.loop.create_task(self._finish_later(scope, answer, keep_alive))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
+        self._finish(scope, answer, keep_alive)
+
+    async def _finish_later(self, scope: dict[str, Any], answer: Answer, keep_alive: bool) -> None:
+        await self.flow.drain()
+        self._finish(scope, answer, keep_alive)
 
     async def _answer_in_task(self, scope: dict[str, Any], body: bytes, model: str, version: str,
                               keep_alive: bool) -> None:
@@ -247,19 +261,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         except Exception as exc:  # a bug: logged and answered 500, as uvicorn does for an app
             self.logger.error("Exception in ASGI application\n", exc_info=exc)
             answer = 500, [(b"content-type", b"text/plain; charset=utf-8")], b"Internal Server Error", True
-        self._finish_when_writable(scope, answer, keep_alive)
-
-    def _finish_when_writable(self, scope: dict[str, Any], answer: Answer | None, keep_alive: bool) -> None:
         if answer is not None and self.flow.write_paused and not self.transport.is_closing():
-            # the previous answer on this connection still fills the socket: wait in a task
-            task = self.loop.create_task(self._finish_later(scope, answer, keep_alive))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-        else:
-            self._finish(scope, answer, keep_alive)
-
-    async def _finish_later(self, scope: dict[str, Any], answer: Answer, keep_alive: bool) -> None:
-        await self.flow.drain()
+            await self.flow.drain()  # the previous answer on this connection still fills the socket
         self._finish(scope, answer, keep_alive)
 
     def _finish(self, scope: dict[str, Any], answer: Answer | None, keep_alive: bool) -> None:
@@ -269,12 +272,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         transport = self.transport
         if transport.is_closing():
             return
-        keep_alive = keep_alive and not self._close_after
         if answer is not None:
             status, headers, payload, close = answer
-            keep_alive = keep_alive and not close
+            keep_alive = keep_alive and not close and not self._close_after
             self._write(scope, status, headers, payload, keep_alive)
-        if not keep_alive:
+        if not keep_alive or self._close_after:
             transport.close()
             return
         self.flow.resume_reading()
